@@ -1,0 +1,60 @@
+"""The data-contract summary a site sends back: rule outcomes, never the data itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RuleResult(BaseModel):
+    """The outcome of one rule (one Great Expectations expectation)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rule: str
+    column: str | None = None
+    success: bool
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    unexpected_count: int | None = None
+    # At most a handful of offending values (never whole rows) to make the message useful.
+    unexpected_sample: list[Any] = Field(default_factory=list)
+    observed: Any = None
+    error: str | None = None
+
+    def describe(self) -> str:
+        where = f"column {self.column!r}" if self.column else "table"
+        shown = {k: v for k, v in self.arguments.items() if k not in {"column", "batch_id"}}
+        args = ", ".join(f"{k}={v}" for k, v in shown.items())
+        text = f"{where} broke {self.rule}({args})"
+        if self.error:
+            return f"{text}: {self.error}"
+        if self.unexpected_count:
+            text += f": {self.unexpected_count} rows"
+            if self.unexpected_sample:
+                text += f", e.g. {self.unexpected_sample[:3]}"
+        elif self.observed is not None:
+            text += f": observed {self.observed}"
+        return text
+
+
+class ContractReport(BaseModel):
+    """A site's data-contract result."""
+
+    model_config = ConfigDict(frozen=True)
+
+    site: str
+    suite: str
+    success: bool
+    row_count: int
+    results: list[RuleResult]
+
+    @property
+    def failures(self) -> list[RuleResult]:
+        return [r for r in self.results if not r.success]
+
+    def summary(self) -> str:
+        if self.success:
+            return f"site {self.site}: {self.row_count} rows pass suite {self.suite!r}"
+        broken = "; ".join(r.describe() for r in self.failures)
+        return f"site {self.site} fails data contract {self.suite!r}: {broken}"
