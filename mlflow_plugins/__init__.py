@@ -1,0 +1,1 @@
+"""MLflow plugins registered through entry points in pyproject.toml."""

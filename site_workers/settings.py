@@ -1,0 +1,47 @@
+"""A site's own settings file. It stays at the site: data path and credentials live here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedround.tasks.core.config import Name, format_validation_error
+from fedround.tasks.core.errors import ConfigError
+from fedround.tasks.object_store import ObjectStoreSettings
+
+
+class SiteSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    site: Name
+    federation: Name
+    data_dir: Path = Field(description="folder holding train.npz (and test.npz, if any)")
+    object_store: ObjectStoreSettings
+    threads: int = Field(1, ge=1, description="torch threads for local training")
+
+
+def load_site_settings(path: Path) -> SiteSettings:
+    """Read a site config; relative paths in it are relative to the file."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read site config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        settings = SiteSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(str(path), exc)) from exc
+    base = path.parent
+    store = settings.object_store
+    if store.root is not None and not store.root.is_absolute():
+        store = store.model_copy(update={"root": (base / store.root).resolve()})
+    data_dir = settings.data_dir if settings.data_dir.is_absolute() else base / settings.data_dir
+    return settings.model_copy(update={"data_dir": data_dir.resolve(), "object_store": store})
+
+
+def write_site_settings(path: Path, settings: SiteSettings) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))

@@ -1,0 +1,231 @@
+"""One object-store interface, two backends: a local directory and S3 (MinIO SDK).
+
+Keys are ``/``-separated relative paths (see :mod:`fedround.tasks.core.keys`). Writes are
+atomic: a reader sees the old object or the whole new one, never a torn write.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from fedround.tasks.core.errors import ConfigError, ObjectNotFound, ObjectStoreError
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in {"", ".", ".."} for p in parts):
+        raise ValueError(f"invalid object key {key!r}: use a relative path like 'a/b/c.json'")
+    return key
+
+
+class ObjectStore(ABC):
+    """The operations fedround needs from an object store."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes; raises :class:`ObjectNotFound` if absent."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes; raises :class:`ObjectNotFound` if absent."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (recursive), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove a key; absent keys are fine."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """A human-readable location for logs and lineage."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+
+class LocalObjectStore(ObjectStore):
+    """A directory tree; the embedded default."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {self.uri(key)}") from None
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {self.uri(key)}") from None
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        start = base if base.is_dir() else base.parent
+        if not start.exists():
+            return []
+        keys = []
+        for path in start.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def uri(self, key: str) -> str:
+        return (self.root / key).as_uri()
+
+
+class S3ObjectStore(ObjectStore):
+    """An S3 bucket through the MinIO SDK (MinIO in production, any S3 server in tests)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        secure: bool = False,
+        region: str | None = None,
+    ) -> None:
+        from minio import Minio
+
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.client = Minio(
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
+        )
+
+    def _error(self, key: str, exc: Exception) -> ObjectStoreError:
+        from minio.error import S3Error
+
+        if isinstance(exc, S3Error) and exc.code in {"NoSuchKey", "NoSuchObject"}:
+            return ObjectNotFound(f"no object {self.uri(key)}")
+        if isinstance(exc, S3Error) and exc.code == "AccessDenied":
+            return ObjectStoreError(
+                f"access denied to {self.uri(key)}: this credential may not use that prefix"
+            )
+        return ObjectStoreError(f"object store error on {self.uri(key)}: {exc}")
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(self.bucket, _check_key(key), io.BytesIO(data), len(data))
+        except Exception as exc:
+            raise self._error(key, exc) from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(self.bucket, _check_key(key))
+        except Exception as exc:
+            raise self._error(key, exc) from exc
+        try:
+            return bytes(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    def size(self, key: str) -> int:
+        try:
+            stat = self.client.stat_object(self.bucket, _check_key(key))
+        except Exception as exc:
+            raise self._error(key, exc) from exc
+        return int(stat.size or 0)
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            found = self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return sorted(str(obj.object_name) for obj in found if obj.object_name)
+        except Exception as exc:
+            raise self._error(prefix, exc) from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.remove_object(self.bucket, _check_key(key))
+        except Exception as exc:
+            raise self._error(key, exc) from exc
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+class ObjectStoreSettings(BaseModel):
+    """Where a party reads and writes objects. Secrets come from the environment by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "s3"] = "local"
+    root: Path | None = Field(None, description="local: the directory")
+    endpoint: str | None = Field(None, description="s3: host:port")
+    bucket: str | None = None
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    secure: bool = False
+    region: str | None = None
+
+
+def open_store(settings: ObjectStoreSettings) -> ObjectStore:
+    """Build the backend the settings describe; missing fields are a clear config error."""
+    if settings.kind == "local":
+        if settings.root is None:
+            raise ConfigError("object_store.root is required when object_store.kind is 'local'")
+        return LocalObjectStore(settings.root)
+    access = settings.access_key or os.environ.get("FEDROUND_S3_ACCESS_KEY")
+    secret = (
+        settings.secret_key.get_secret_value()
+        if settings.secret_key
+        else os.environ.get("FEDROUND_S3_SECRET_KEY")
+    )
+    missing = [
+        name
+        for name, value in {
+            "endpoint": settings.endpoint,
+            "bucket": settings.bucket,
+            "access_key (or FEDROUND_S3_ACCESS_KEY)": access,
+            "secret_key (or FEDROUND_S3_SECRET_KEY)": secret,
+        }.items()
+        if not value
+    ]
+    if missing:
+        raise ConfigError(f"object_store.kind is 's3' but these are missing: {', '.join(missing)}")
+    assert settings.endpoint and settings.bucket  # checked just above
+    assert access and secret
+    return S3ObjectStore(
+        settings.endpoint, settings.bucket, access, secret, settings.secure, settings.region
+    )

@@ -1,0 +1,166 @@
+"""MLflow tracking and registry for one training run.
+
+One MLflow run per training run (resumed, not duplicated, after a crash): parameters,
+global metrics per round (``step=round``), per-site metrics, lineage tags; at the end the
+global model is registered as a new version with alias ``candidate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedround.tasks.core.config import FederationConfig
+from fedround.tasks.core.models import build_model
+from fedround.tasks.core.serialization import Weights
+
+log = logging.getLogger(__name__)
+
+TAG = "fedround."
+CANDIDATE = "candidate"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested config → flat ``a.b.c`` MLflow params."""
+    if isinstance(value, dict):
+        flat: dict[str, str] = {}
+        for key, inner in value.items():
+            flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return flat
+    return {prefix: str(value)[:6000]}
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: str
+    uri: str
+    alias: str
+
+
+class RunTracker:
+    """Thin wrapper over ``MlflowClient`` bound to one MLflow run."""
+
+    def __init__(self, tracking_uri: str, mlflow_run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.mlflow_run_id = mlflow_run_id
+
+    @classmethod
+    def start(
+        cls,
+        tracking_uri: str,
+        config: FederationConfig,
+        run_id: str,
+        tags: dict[str, str],
+        artifact_root: Path | None = None,
+    ) -> RunTracker:
+        """Find this training run's MLflow run (after a crash) or create it."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        experiment = client.get_experiment_by_name(config.federation)
+        if experiment is None:
+            location = (artifact_root / config.federation).as_uri() if artifact_root else None
+            experiment_id = client.create_experiment(config.federation, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{TAG}run_id` = '{run_id}'", max_results=1
+        )
+        if found:
+            tracker = cls(tracking_uri, found[0].info.run_id)
+            client.update_run(tracker.mlflow_run_id, status="RUNNING")
+            client.set_tag(tracker.mlflow_run_id, f"{TAG}resumed", "true")
+            return tracker
+        run = client.create_run(
+            experiment_id, run_name=run_id, tags={f"{TAG}run_id": run_id, **tags}
+        )
+        tracker = cls(tracking_uri, run.info.run_id)
+        params = flatten("", config.model_dump(mode="json", exclude={"sites", "description"}))
+        params["sites"] = ",".join(s.name for s in config.sites)
+        tracker.log_params(params)
+        return tracker
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.mlflow_run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.mlflow_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.mlflow_run_id, metrics=items[start : start + 1000])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.mlflow_run_id, text, artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.mlflow_run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.mlflow_run_id, status=status)
+
+    def registered_model(self) -> RegisteredModel | None:
+        """The version this training run already registered (when a finished run is re-run)."""
+        tags = self.client.get_run(self.mlflow_run_id).data.tags
+        name, version = tags.get(f"{TAG}model_name"), tags.get(f"{TAG}model_version")
+        if not name or not version:
+            return None
+        return RegisteredModel(name, version, f"models:/{name}/{version}", CANDIDATE)
+
+    def register_candidate(
+        self,
+        config: FederationConfig,
+        weights: Weights,
+        version_tags: dict[str, str],
+    ) -> RegisteredModel:
+        """Log the global model (torch.export, no pickle) and register it as ``candidate``."""
+        import mlflow
+
+        model = build_model(config.model, seed=0)
+        model.load_state_dict(weights)
+        model.eval()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        example = np.zeros((2, 784), dtype=np.float32)
+        with mlflow.start_run(run_id=self.mlflow_run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="global-model",
+                input_example=example,
+                pip_requirements=["torch==2.13.0"],
+            )
+        if self.client.search_registered_models(f"name = '{config.model_name}'") == []:
+            self.client.create_registered_model(config.model_name)
+        version = self.client.create_model_version(
+            config.model_name,
+            source=info.model_uri,
+            run_id=self.mlflow_run_id,
+            tags=version_tags,
+            model_id=info.model_id,
+        )
+        self.client.set_registered_model_alias(config.model_name, CANDIDATE, version.version)
+        self.set_tags(
+            {f"{TAG}model_name": config.model_name, f"{TAG}model_version": str(version.version)}
+        )
+        uri = f"models:/{config.model_name}/{version.version}"
+        log.info("registered %s version %s as %r", config.model_name, version.version, CANDIDATE)
+        return RegisteredModel(config.model_name, str(version.version), uri, CANDIDATE)
