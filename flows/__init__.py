@@ -1,0 +1,1 @@
+"""The coordinator: the training flow (one round after another), the CLI, site dispatch."""

@@ -1,0 +1,136 @@
+"""The ``fedround`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedround.flows import environment
+from fedround.tasks.core.errors import FedroundError
+from fedround.tasks.runtime import DEFAULT_STATE_DIR
+
+app = typer.Typer(
+    name="fedround",
+    help="Federated learning as observable, retryable Prefect flows, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+StateDir = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir",
+        envvar="FEDROUND_STATE_DIR",
+        help="Where Prefect, MLflow, the object store and run results live.",
+    ),
+]
+
+
+@app.callback()
+def _main() -> None:
+    """fedround: federated learning as observable, retryable Prefect flows."""
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def print_summary(result: dict[str, Any], result_file: Path, state_dir: Path) -> None:
+    metrics = result["final_metrics"]
+    model = result.get("model") or {}
+    sites = result["sites"]
+    lines = [
+        f"fedround: run {result['run_id']} of federation {result['federation']} finished",
+        f"  rounds       {result['rounds']} (resumed from round {result['resumed_from_round']})",
+        f"  accuracy     {metrics.get('accuracy', float('nan')):.4f} on the held-out set "
+        f"(loss {metrics.get('loss', float('nan')):.4f})",
+        f"  sites        {len(sites['participating'])} took part, "
+        f"{len(sites['excluded'])} excluded",
+    ]
+    lines += [f"    excluded   {why}" for why in sites["excluded"].values()]
+    if model:
+        lines.append(
+            f"  model        {model['name']} version {model['version']} "
+            f"(alias {model['alias']}): {model['uri']}"
+        )
+    lines += [
+        f"  checkpoint   {result['checkpoint']['uri']} "
+        f"(sha256 {result['checkpoint']['weights_sha256'][:16]}…)",
+        f"  time         {result['timings']['flow_seconds']:.1f}s in the flow, median round "
+        f"{result['timings']['round_median_seconds']:.2f}s",
+        f"  result       {result_file}",
+        "",
+        "Look closer:",
+        "  MLflow UI    .venv/bin/mlflow ui --backend-store-uri "
+        + result["mlflow"]["tracking_uri"],
+        f"  Prefect UI   PREFECT_HOME={state_dir / 'prefect'} .venv/bin/prefect server start",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+    run_id: Annotated[
+        str | None,
+        typer.Option(help="Run id; an existing run's id resumes it from its last checkpoint."),
+    ] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    processes: Annotated[
+        int | None, typer.Option(help="Local site worker processes (embedded mode).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run's result as JSON on the last line.")
+    ] = False,
+) -> None:
+    """Run a federation on the embedded default: all sites on this machine."""
+    state = state_dir.resolve()
+    environment.configure(state)
+    try:
+        result = _run_embedded(config.resolve(), run_id, processes)
+    except FedroundError as exc:
+        _fail(str(exc), 2 if "config" in type(exc).__name__.lower() else 1)
+    result_file = state / "runs" / result["run_id"] / "result.json"
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=2))
+    print_summary(result, result_file, state)
+    if as_json:
+        typer.echo(json.dumps(result))
+
+
+def _run_embedded(config_path: Path, run_id: str | None, processes: int | None) -> dict[str, Any]:
+    from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
+    from fedround.tasks.core.config import load_federation_config
+    from fedround.tasks.demo_sites import provision_demo_sites
+    from fedround.tasks.runtime import CoordinatorSettings
+
+    config = load_federation_config(config_path)
+    settings = CoordinatorSettings.from_env()
+    site_configs = provision_demo_sites(config, settings)
+    dispatcher = EmbeddedDispatcher(site_configs, processes or settings.site_processes)
+    dispatcher.warm_up()
+    token = current_dispatcher.set(dispatcher)
+    try:
+        from fedround.flows.training import new_run_id, train_federation
+
+        environment.quiet_known_errors()
+
+        result = train_federation(config_path=str(config_path), run_id=run_id or new_run_id())
+        return result.model_dump(mode="json")
+    finally:
+        current_dispatcher.reset(token)
+        dispatcher.close()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)

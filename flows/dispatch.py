@@ -1,0 +1,127 @@
+"""How the coordinator reaches its sites.
+
+A dispatcher runs the site-side functions (data contract, site round) for a named site
+and returns their metadata. The embedded default runs them in a pool of local worker
+processes, each site reading only its own config and shard; the distributed runtime
+sends them to each site's Prefect work pool. The training flow does not know which.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import multiprocessing
+import os
+from collections.abc import Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+from fedround.site_workers.settings import SiteSettings, load_site_settings
+from fedround.site_workers.site_round import RoundSpec, SiteRoundResult
+from fedround.tasks.core.contract_report import ContractReport
+
+log = logging.getLogger(__name__)
+
+
+class SiteUnavailable(Exception):
+    """The site did not answer in time, or its runtime failed (not its data or update)."""
+
+
+class SiteDispatcher(Protocol):
+    def check_contract(
+        self, site: str, federation: str, run_id: str, timeout: float
+    ) -> ContractReport: ...
+
+    def run_round(self, spec: RoundSpec, timeout: float) -> SiteRoundResult: ...
+
+    def close(self) -> None: ...
+
+
+current_dispatcher: contextvars.ContextVar[SiteDispatcher] = contextvars.ContextVar(
+    "fedround_dispatcher"
+)
+
+
+# --- functions executed inside the embedded worker processes --------------------------
+
+
+@lru_cache(maxsize=64)
+def _site_settings(config_file: str) -> SiteSettings:
+    return load_site_settings(Path(config_file))
+
+
+def _warm_up() -> int:
+    """Import the heavy site-side libraries once per worker process."""
+    import great_expectations  # noqa: F401  (the data contract)
+    import torch
+
+    torch.set_num_threads(1)
+    return os.getpid()
+
+
+def _contract_in_worker(config_file: str, federation: str, run_id: str) -> ContractReport:
+    from fedround.site_workers.site_round import run_site_contract
+
+    return run_site_contract(_site_settings(config_file), federation, run_id)
+
+
+def _round_in_worker(config_file: str, spec: RoundSpec) -> SiteRoundResult:
+    from fedround.site_workers.site_round import run_site_round
+
+    return run_site_round(_site_settings(config_file), spec)
+
+
+# --- the embedded dispatcher ---------------------------------------------------------
+
+
+class EmbeddedDispatcher:
+    """Runs site work in ``processes`` local worker processes (spawned, one torch thread each)."""
+
+    def __init__(self, site_configs: Mapping[str, Path], processes: int) -> None:
+        self.site_configs = {site: str(path) for site, path in site_configs.items()}
+        self.processes = max(1, min(processes, len(site_configs)))
+        self.pool = ProcessPoolExecutor(
+            max_workers=self.processes, mp_context=multiprocessing.get_context("spawn")
+        )
+        self._warm: list[Future[int]] = []
+
+    def warm_up(self) -> None:
+        """Start the workers and their imports now, while the coordinator starts up."""
+        self._warm = [self.pool.submit(_warm_up) for _ in range(self.processes)]
+
+    def _config(self, site: str) -> str:
+        try:
+            return self.site_configs[site]
+        except KeyError:
+            raise SiteUnavailable(
+                f"site {site!r} has no config in this embedded federation"
+            ) from None
+
+    def _wait(self, future: Future[object], site: str, what: str, timeout: float) -> object:
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise SiteUnavailable(
+                f"site {site} missed the {timeout:.0f}s deadline for {what}"
+            ) from None
+
+    def check_contract(
+        self, site: str, federation: str, run_id: str, timeout: float
+    ) -> ContractReport:
+        future = self.pool.submit(_contract_in_worker, self._config(site), federation, run_id)
+        result = self._wait(future, site, "its data contract", timeout)  # type: ignore[arg-type]
+        assert isinstance(result, ContractReport)
+        return result
+
+    def run_round(self, spec: RoundSpec, timeout: float) -> SiteRoundResult:
+        future = self.pool.submit(_round_in_worker, self._config(spec.site), spec)
+        result = self._wait(future, spec.site, f"round {spec.round}", timeout)  # type: ignore[arg-type]
+        assert isinstance(result, SiteRoundResult)
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

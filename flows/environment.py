@@ -1,0 +1,56 @@
+"""Process environment for Prefect, MLflow and Great Expectations, set before they import.
+
+Telemetry is off by default; the user can still override any of these variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fedround.tasks.core.errors import FedroundError
+
+TELEMETRY_OFF = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
+
+
+def configure(state_dir: Path, quiet_console: bool = True) -> None:
+    """Point Prefect at ``state_dir`` (unless a server is configured) and silence telemetry."""
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
+    os.environ["FEDROUND_STATE_DIR"] = str(state_dir)
+    os.environ.setdefault("PREFECT_HOME", str(state_dir / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    # Rounds and site task runs log at INFO to the Prefect API (the UI shows them);
+    # the terminal shows the progress bar and warnings only.
+    if quiet_console:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+class _KnownErrorFilter(logging.Filter):
+    """Keep tracebacks of fedround's own, explained errors off the terminal.
+
+    The CLI prints their message as one clear line; the Prefect API (and so the UI) still
+    receives the full record.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, FedroundError)
+
+
+def quiet_known_errors() -> None:
+    """Attach the filter to Prefect's console handlers (call after importing Prefect)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(_KnownErrorFilter())
