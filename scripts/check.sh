@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Static checks: ruff (lint + format), mypy (strict on the pure core and the MLflow plugins)
+# and the import-linter contract that keeps the core pure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# mypy and import-linter resolve modules on the file system, not through the editable
+# install's import hook, so give them a view of the tree under the installed name `fedround`.
+view="build/src-view"
+rm -rf "$view" && mkdir -p "$view/fedround"
+for package in flows tasks site_workers mlflow_plugins; do
+  ln -s "$PWD/$package" "$view/fedround/$package"
+done
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+MYPYPATH="$view" .venv/bin/mypy --cache-dir build/mypy-cache \
+  -p fedround.tasks -p fedround.flows -p fedround.site_workers -p fedround.mlflow_plugins
+PYTHONPATH="$view" .venv/bin/lint-imports --no-cache

@@ -1,0 +1,13 @@
+"""Shared test settings: telemetry off, everything under pytest's temporary folders."""
+
+from __future__ import annotations
+
+import os
+
+for _name, _value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ.setdefault(_name, _value)

@@ -1,0 +1,176 @@
+"""The embedded default end to end: the real CLI, a temporary Prefect server, MLflow on
+sqlite, GE at every site, the local object store; then the state each of them recorded.
+
+Scenario (NVFlare-style): trigger → fault → expected state.
+- site-d's labels are corrupted before the run: it is excluded by its data contract with a
+  message naming the column and the rule; the three others train.
+- the run's final checkpoint verifies, the model is registered as ``candidate`` and Prefect
+  recorded the flow run and a task run per site and round.
+- a second run is SIGKILLed (coordinator, site processes and Prefect server together) after
+  its first committed round and resumed: its final weights are byte-identical to the first.
+- tampering with a checkpoint makes a resume fail with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from fedround.site_workers.data import read_arrays, save_site_data
+from fedround.tasks.checkpoints import load_checkpoint
+from fedround.tasks.core import keys
+from fedround.tasks.core.config import load_federation_config
+from fedround.tasks.core.serialization import sha256_hex
+from fedround.tasks.object_store import LocalObjectStore
+
+from .helpers import cli_env, fedround, start_fedround
+
+pytestmark = pytest.mark.slow
+
+CONFIG = Path(__file__).with_name("four-sites.yaml")
+FEDERATION = "e2e-mnist"
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+def first_run(state_dir: Path) -> dict[str, Any]:
+    """Provision the sites, break site-d's labels, run the federation through the CLI."""
+    os.environ["FEDROUND_STATE_DIR"] = str(state_dir)
+    try:
+        from fedround.tasks.demo_sites import provision_demo_sites
+        from fedround.tasks.runtime import CoordinatorSettings
+
+        provision_demo_sites(load_federation_config(CONFIG), CoordinatorSettings.from_env())
+    finally:
+        del os.environ["FEDROUND_STATE_DIR"]
+    shard = state_dir / "federations" / FEDERATION / "sites" / "site-d" / "train.npz"
+    arrays = read_arrays(shard)
+    labels = arrays["labels"].copy()
+    labels[:5] = 12  # a label outside 0-9
+    save_site_data(shard, arrays["features"], labels)
+
+    done = fedround("run", str(CONFIG), "--json", state_dir=state_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.result
+
+
+def test_federation_trains_and_excludes_the_broken_site(first_run: dict[str, Any]) -> None:
+    assert first_run["rounds"] == 3
+    assert first_run["final_metrics"]["accuracy"] > 0.5  # chance is 0.1
+    assert first_run["sites"]["participating"] == ["site-a", "site-b", "site-c"]
+    reason = first_run["sites"]["excluded"]["site-d"]
+    assert "column 'label' broke expect_column_values_to_be_in_set" in reason
+    assert "5 rows, e.g. [12, 12, 12]" in reason
+    accuracies = [h["accuracy"] for h in first_run["history"]]
+    assert len(accuracies) == 3 and accuracies[-1] > accuracies[0]
+
+
+def test_final_checkpoint_verifies(first_run: dict[str, Any], state_dir: Path) -> None:
+    store = LocalObjectStore(state_dir / "objects")
+    final = load_checkpoint(store, FEDERATION, first_run["run_id"], 3)  # verifies digests
+    weights_key = keys.checkpoint_prefix(FEDERATION, first_run["run_id"], 3) + "weights.safetensors"
+    assert sha256_hex(store.get(weights_key)) == first_run["checkpoint"]["weights_sha256"]
+    assert final.manifest.sites == ["site-a", "site-b", "site-c"]
+
+
+def test_model_is_registered_as_candidate(first_run: dict[str, Any]) -> None:
+    uri = first_run["mlflow"]["tracking_uri"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("e2e-mnist-global", "candidate")
+    assert str(version.version) == first_run["model"]["version"] == "1"
+    assert version.tags["fedround.weights_sha256"] == first_run["checkpoint"]["weights_sha256"]
+    assert version.tags["fedround.run_id"] == first_run["run_id"]
+    run = client.get_run(first_run["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert "site-d" in json.loads(run.data.tags["fedround.excluded_sites"])
+    steps = client.get_metric_history(run.info.run_id, "accuracy")
+    assert [m.step for m in steps] == [1, 2, 3]
+
+
+def test_prefect_recorded_the_flow_and_task_runs(
+    first_run: dict[str, Any], state_dir: Path
+) -> None:
+    query = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+async def main():
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[RUN_ID])))
+        tasks = await client.read_task_runs(limit=200)
+        print(json.dumps({"flow_runs": [[r.name, r.state_type.value] for r in runs],
+                          "task_runs": sorted(t.name for t in tasks if t.flow_run_id == runs[0].id)}))
+asyncio.run(main())
+""".replace("RUN_ID", repr(first_run["run_id"]))
+    env = cli_env(state_dir)
+    env["PREFECT_HOME"] = str(state_dir / "prefect")
+    done = subprocess.run(
+        [sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    recorded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert recorded["flow_runs"] == [[first_run["run_id"], "COMPLETED"]]
+    names = set(recorded["task_runs"])
+    for round_ in (1, 2, 3):
+        for site in ("site-a", "site-b", "site-c"):
+            assert f"round {round_} · {site}" in names
+        assert f"round {round_} · aggregate" in names
+    assert "site-d · data contract" in names
+    assert not any("round 1 · site-d" == n for n in names)
+
+
+def test_killed_run_resumes_to_identical_weights(
+    first_run: dict[str, Any], state_dir: Path
+) -> None:
+    run_id = "crash-and-resume"
+    manifest = (
+        state_dir / "objects" / keys.checkpoint_prefix(FEDERATION, run_id, 1) / "manifest.json"
+    )
+    process = start_fedround("run", str(CONFIG), "--run-id", run_id, state_dir=state_dir)
+    deadline = time.monotonic() + 300
+    while not manifest.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "round 1 was never committed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the coordinator, its site processes and Prefect
+    process.communicate()
+    store = LocalObjectStore(state_dir / "objects")
+    assert not store.exists(keys.checkpoint_prefix(FEDERATION, run_id, 3) + "manifest.json")
+
+    resumed = fedround("run", str(CONFIG), "--run-id", run_id, "--json", state_dir=state_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.result["resumed_from_round"] >= 1
+    assert resumed.result["checkpoint"]["weights_sha256"] == first_run["checkpoint"]["weights_sha256"]
+
+
+def test_tampered_checkpoint_is_refused_on_resume(
+    first_run: dict[str, Any], state_dir: Path
+) -> None:
+    store = LocalObjectStore(state_dir / "objects")
+    key = keys.checkpoint_prefix(FEDERATION, first_run["run_id"], 3) + "weights.safetensors"
+    original = store.get(key)
+    tampered = bytearray(original)
+    tampered[-8:] = np.float32(1e9).tobytes() * 2
+    store.put(key, bytes(tampered))
+    try:
+        done = fedround("run", str(CONFIG), "--run-id", first_run["run_id"], state_dir=state_dir)
+    finally:
+        store.put(key, original)
+    assert done.returncode == 1
+    assert "checkpoint round 3 of run" in done.stderr and "is corrupted" in done.stderr
+    assert "Traceback" not in done.stderr
