@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fedround.site_workers.settings import SiteSettings, load_site_settings
-from fedround.site_workers.site_round import RoundSpec, SiteRoundResult
+from fedround.site_workers.site_round import EvalSpec, RoundSpec, SiteEvalResult, SiteRoundResult
 from fedround.tasks.core.contract_report import ContractReport
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ class SiteDispatcher(Protocol):
     ) -> ContractReport: ...
 
     def run_round(self, spec: RoundSpec, timeout: float) -> SiteRoundResult: ...
+
+    def evaluate(self, spec: EvalSpec, timeout: float) -> SiteEvalResult: ...
 
     def close(self) -> None: ...
 
@@ -72,6 +74,12 @@ def _round_in_worker(config_file: str, spec: RoundSpec) -> SiteRoundResult:
     from fedround.site_workers.site_round import run_site_round
 
     return run_site_round(_site_settings(config_file), spec)
+
+
+def _evaluate_in_worker(config_file: str, spec: EvalSpec) -> SiteEvalResult:
+    from fedround.site_workers.site_round import run_site_evaluation
+
+    return run_site_evaluation(_site_settings(config_file), spec)
 
 
 # --- the embedded dispatcher ---------------------------------------------------------
@@ -121,6 +129,12 @@ class EmbeddedDispatcher:
         future = self.pool.submit(_round_in_worker, self._config(spec.site), spec)
         result = self._wait(future, spec.site, f"round {spec.round}", timeout)  # type: ignore[arg-type]
         assert isinstance(result, SiteRoundResult)
+        return result
+
+    def evaluate(self, spec: EvalSpec, timeout: float) -> SiteEvalResult:
+        future = self.pool.submit(_evaluate_in_worker, self._config(spec.site), spec)
+        result = self._wait(future, spec.site, "its evaluation", timeout)  # type: ignore[arg-type]
+        assert isinstance(result, SiteEvalResult)
         return result
 
     def close(self) -> None:

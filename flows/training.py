@@ -544,7 +544,7 @@ def _run_rounds(ctx: RunContext, first: int) -> list[RoundSummary]:
     """Rounds ``first`` … ``config.rounds``, with a progress bar and a Prefect progress artifact."""
     config = ctx.config
     summaries: list[RoundSummary] = []
-    artifact = create_progress_artifact(
+    artifact: Any = create_progress_artifact(
         progress=100.0 * (first - 1) / config.rounds,
         description=f"{config.federation} run {ctx.run_id}: rounds completed",
     )

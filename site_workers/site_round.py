@@ -21,13 +21,14 @@ from fedround.tasks.core import keys
 from fedround.tasks.core.config import ModelConfig, TrainingConfig
 from fedround.tasks.core.contract_report import ContractReport
 from fedround.tasks.core.errors import FedroundError
-from fedround.tasks.core.manifest import GlobalManifest, UpdateManifest
+from fedround.tasks.core.evaluation import evaluate
+from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.serialization import sha256_hex, weights_from_bytes, weights_to_bytes
 from fedround.tasks.object_store import ObjectStore, open_store
 
 from .contract import check_site_contract
-from .data import TRAIN_FILE, load_site_data
+from .data import TEST_FILE, TRAIN_FILE, load_site_data
 from .settings import SiteSettings
 from .training import train_locally
 
@@ -63,6 +64,30 @@ class SiteRoundResult(BaseModel):
     nbytes_up: int = 0
     nbytes_down: int = 0
     metrics: dict[str, float] = Field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class EvalSpec(BaseModel):
+    """Evaluate a published model on the site's own held-out data (``test.npz``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    federation: str
+    site: str
+    model_key: str
+    model_sha256: str
+    model: ModelConfig
+
+
+class SiteEvalResult(BaseModel):
+    """Only metrics come back from a federated evaluation."""
+
+    site: str
+    ok: bool
+    num_examples: int = 0
+    loss: float | None = None
+    accuracy: float | None = None
     seconds: float = 0.0
     error: str | None = None
 
@@ -168,7 +193,27 @@ def run_site_contract(settings: SiteSettings, federation: str, run_id: str) -> C
     return check_site_contract(settings.data_dir / TRAIN_FILE, suite, settings.site)
 
 
-def read_global_manifest(
-    store: ObjectStore, federation: str, run_id: str, round_: int
-) -> GlobalManifest:
-    return GlobalManifest.from_json(store.get(keys.global_manifest_key(federation, run_id, round_)))
+def run_site_evaluation(settings: SiteSettings, spec: EvalSpec) -> SiteEvalResult:
+    """Evaluate a published model on this site's held-out data; return metrics only."""
+    started = time.perf_counter()
+    torch.set_num_threads(settings.threads)
+    if spec.site != settings.site or spec.federation != settings.federation:
+        raise SiteError(
+            f"this worker serves {settings.federation}/{settings.site}, "
+            f"not {spec.federation}/{spec.site}"
+        )
+    payload = _store(settings).get(spec.model_key)
+    if sha256_hex(payload) != spec.model_sha256:
+        raise SiteError(f"model {spec.model_key} does not match its announced sha256")
+    model = build_model(spec.model, seed=0)
+    model.load_state_dict(weights_from_bytes(payload))
+    data = load_site_data(settings.data_dir / TEST_FILE)
+    result = evaluate(model, torch.from_numpy(data.features), torch.from_numpy(data.labels))
+    return SiteEvalResult(
+        site=spec.site,
+        ok=True,
+        num_examples=result.num_examples,
+        loss=result.loss,
+        accuracy=result.accuracy,
+        seconds=time.perf_counter() - started,
+    )

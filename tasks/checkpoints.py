@@ -74,7 +74,7 @@ def save_checkpoint(
 
 
 def committed_rounds(store: ObjectStore, federation: str, run_id: str) -> list[int]:
-    return keys.checkpoint_rounds(store.list(keys.run_prefix(federation, run_id) + "checkpoints/"))
+    return keys.checkpoint_rounds(store.list(keys.checkpoints_prefix(federation, run_id)))
 
 
 def read_manifest(

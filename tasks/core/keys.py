@@ -1,11 +1,15 @@
-"""Object-store key layout. Predictable, per federation and run, per site for updates.
+"""Object-store key layout: predictable, per federation, with one prefix per site.
 
 ::
 
-    <federation>/<run>/contract.json
-    <federation>/<run>/round-0003/global.safetensors   (+ global.json manifest)
-    <federation>/<run>/round-0003/updates/<site>.safetensors   (+ <site>.json)
-    <federation>/<run>/checkpoints/round-0003/{weights.safetensors,strategy.json,manifest.json}
+    <federation>/global/<run>/contract.json                       coordinator writes, sites read
+    <federation>/global/<run>/round-0003/model.safetensors (+ model.json)
+    <federation>/updates/<site>/<run>/round-0003/update.safetensors (+ update.json)
+    <federation>/checkpoints/<run>/round-0003/{weights.safetensors,strategy.json,manifest.json}
+
+Everything a site may read lies under ``<federation>/global/`` and everything it may write
+under ``<federation>/updates/<site>/``, so per-site object-store credentials can grant
+exactly that (see :func:`site_read_prefix` and :func:`site_write_prefix`).
 """
 
 from __future__ import annotations
@@ -15,36 +19,48 @@ import re
 _ROUND = re.compile(r"/round-(\d+)/")
 
 
-def run_prefix(federation: str, run_id: str) -> str:
-    return f"{federation}/{run_id}/"
+def site_read_prefix(federation: str) -> str:
+    return f"{federation}/global/"
+
+
+def site_write_prefix(federation: str, site: str) -> str:
+    return f"{federation}/updates/{site}/"
 
 
 def contract_key(federation: str, run_id: str) -> str:
-    return f"{run_prefix(federation, run_id)}contract.json"
+    return f"{site_read_prefix(federation)}{run_id}/contract.json"
 
 
-def round_prefix(federation: str, run_id: str, round_: int) -> str:
-    return f"{run_prefix(federation, run_id)}round-{round_:04d}/"
+def global_prefix(federation: str, run_id: str, round_: int) -> str:
+    return f"{site_read_prefix(federation)}{run_id}/round-{round_:04d}/"
 
 
 def global_key(federation: str, run_id: str, round_: int) -> str:
-    return f"{round_prefix(federation, run_id, round_)}global.safetensors"
+    return f"{global_prefix(federation, run_id, round_)}model.safetensors"
 
 
 def global_manifest_key(federation: str, run_id: str, round_: int) -> str:
-    return f"{round_prefix(federation, run_id, round_)}global.json"
+    return f"{global_prefix(federation, run_id, round_)}model.json"
+
+
+def update_prefix(federation: str, run_id: str, round_: int, site: str) -> str:
+    return f"{site_write_prefix(federation, site)}{run_id}/round-{round_:04d}/"
 
 
 def update_key(federation: str, run_id: str, round_: int, site: str) -> str:
-    return f"{round_prefix(federation, run_id, round_)}updates/{site}.safetensors"
+    return f"{update_prefix(federation, run_id, round_, site)}update.safetensors"
 
 
 def update_manifest_key(federation: str, run_id: str, round_: int, site: str) -> str:
-    return f"{round_prefix(federation, run_id, round_)}updates/{site}.json"
+    return f"{update_prefix(federation, run_id, round_, site)}update.json"
+
+
+def checkpoints_prefix(federation: str, run_id: str) -> str:
+    return f"{federation}/checkpoints/{run_id}/"
 
 
 def checkpoint_prefix(federation: str, run_id: str, round_: int) -> str:
-    return f"{run_prefix(federation, run_id)}checkpoints/round-{round_:04d}/"
+    return f"{checkpoints_prefix(federation, run_id)}round-{round_:04d}/"
 
 
 def checkpoint_rounds(keys: list[str]) -> list[int]:
@@ -52,6 +68,11 @@ def checkpoint_rounds(keys: list[str]) -> list[int]:
     rounds = {
         int(m.group(1))
         for key in keys
-        if "/checkpoints/" in key and key.endswith("/manifest.json") and (m := _ROUND.search(key))
+        if key.endswith("/manifest.json") and (m := _ROUND.search(key))
     }
     return sorted(rounds)
+
+
+def evaluation_model_key(federation: str, evaluation_id: str, label: str) -> str:
+    """A model published for federated evaluation (e.g. ``candidate`` or ``production``)."""
+    return f"{site_read_prefix(federation)}evaluations/{evaluation_id}/{label}.safetensors"

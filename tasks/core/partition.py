@@ -44,3 +44,29 @@ def iid_partition(n_examples: int, n_sites: int, seed: int) -> list[IntArray]:
     """Shuffle and deal indices into ``n_sites`` near-equal shards."""
     order = np.random.default_rng(seed).permutation(n_examples)
     return [np.sort(part.astype(np.int64)) for part in np.array_split(order, n_sites)]
+
+
+def matching_partition(
+    labels: npt.ArrayLike, reference: list[IntArray], seed: int, reference_labels: npt.ArrayLike
+) -> list[IntArray]:
+    """Split ``labels`` across sites in the same per-class proportions as ``reference``.
+
+    ``reference[i]`` indexes ``reference_labels`` (e.g. site ``i``'s training examples);
+    each class of ``labels`` is dealt to the sites in proportion to how many examples of
+    that class each site holds there. Used to give every site a held-out set drawn from
+    its own label distribution.
+    """
+    y = np.asarray(labels)
+    ref = np.asarray(reference_labels)
+    rng = np.random.default_rng(seed)
+    shards: list[list[int]] = [[] for _ in reference]
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        rng.shuffle(members)
+        weights = np.array([np.count_nonzero(ref[idx] == label) for idx in reference], float)
+        if weights.sum() == 0:
+            weights = np.ones(len(reference))
+        cuts = np.round(np.cumsum(weights / weights.sum()) * len(members)).astype(int)[:-1]
+        for site, chunk in enumerate(np.split(members, cuts)):
+            shards[site].extend(chunk.tolist())
+    return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]

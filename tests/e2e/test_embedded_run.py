@@ -82,7 +82,8 @@ def test_federation_trains_and_excludes_the_broken_site(first_run: dict[str, Any
 def test_final_checkpoint_verifies(first_run: dict[str, Any], state_dir: Path) -> None:
     store = LocalObjectStore(state_dir / "objects")
     final = load_checkpoint(store, FEDERATION, first_run["run_id"], 3)  # verifies digests
-    weights_key = keys.checkpoint_prefix(FEDERATION, first_run["run_id"], 3) + "weights.safetensors"
+    prefix = keys.checkpoint_prefix(FEDERATION, first_run["run_id"], 3)
+    weights_key = prefix + "weights.safetensors"
     assert sha256_hex(store.get(weights_key)) == first_run["checkpoint"]["weights_sha256"]
     assert final.manifest.sites == ["site-a", "site-b", "site-c"]
 
@@ -113,8 +114,9 @@ async def main():
         runs = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[RUN_ID])))
         tasks = await client.read_task_runs(limit=200)
+        mine = sorted(t.name for t in tasks if t.flow_run_id == runs[0].id)
         print(json.dumps({"flow_runs": [[r.name, r.state_type.value] for r in runs],
-                          "task_runs": sorted(t.name for t in tasks if t.flow_run_id == runs[0].id)}))
+                          "task_runs": mine}))
 asyncio.run(main())
 """.replace("RUN_ID", repr(first_run["run_id"]))
     env = cli_env(state_dir)
@@ -131,7 +133,7 @@ asyncio.run(main())
             assert f"round {round_} · {site}" in names
         assert f"round {round_} · aggregate" in names
     assert "site-d · data contract" in names
-    assert not any("round 1 · site-d" == n for n in names)
+    assert "round 1 · site-d" not in names
 
 
 def test_killed_run_resumes_to_identical_weights(
@@ -155,7 +157,9 @@ def test_killed_run_resumes_to_identical_weights(
     resumed = fedround("run", str(CONFIG), "--run-id", run_id, "--json", state_dir=state_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.result["resumed_from_round"] >= 1
-    assert resumed.result["checkpoint"]["weights_sha256"] == first_run["checkpoint"]["weights_sha256"]
+    assert (
+        resumed.result["checkpoint"]["weights_sha256"] == first_run["checkpoint"]["weights_sha256"]
+    )
 
 
 def test_tampered_checkpoint_is_refused_on_resume(

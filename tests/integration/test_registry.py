@@ -22,7 +22,10 @@ CONFIG = parse_federation_config(
 def test_candidate_registration_round_trip(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = RunTracker.start(
-        uri, CONFIG, "run-1", tags={"fedround.federation": "registry-test"},
+        uri,
+        CONFIG,
+        "run-1",
+        tags={"fedround.federation": "registry-test"},
         artifact_root=tmp_path / "artifacts",
     )
     tracker.log_metrics({"accuracy": 0.5}, step=1)

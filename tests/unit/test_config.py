@@ -44,9 +44,7 @@ def test_typo_in_a_field_name_is_reported() -> None:
 
 def test_bad_values_are_all_reported_with_their_path() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_federation_config(
-            MINIMAL + "rounds: 0\nselection: {fraction: 1.5}\n", "fed.yaml"
-        )
+        parse_federation_config(MINIMAL + "rounds: 0\nselection: {fraction: 1.5}\n", "fed.yaml")
     lines = str(info.value).splitlines()
     assert any(line.startswith("fed.yaml: rounds:") and "(got 0)" in line for line in lines)
     assert any(line.startswith("fed.yaml: selection.fraction:") for line in lines)

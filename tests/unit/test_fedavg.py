@@ -52,9 +52,7 @@ def test_weighted_mean_rejects_bad_input() -> None:
 
 sizes = st.integers(min_value=1, max_value=500)
 site_updates = st.lists(
-    st.tuples(
-        st.lists(st.floats(-100, 100, allow_nan=False), min_size=4, max_size=4), sizes
-    ),
+    st.tuples(st.lists(st.floats(-100, 100, allow_nan=False), min_size=4, max_size=4), sizes),
     min_size=1,
     max_size=12,
 )

@@ -54,3 +54,17 @@ def test_derived_seeds_are_stable_and_distinct() -> None:
     assert derive_seed(42, "train", 1, "a") == derive_seed(42, "train", 1, "a")
     assert derive_seed(42, "train", 1, "a") != derive_seed(42, "train", 1, "b")
     assert 0 <= derive_seed("x") < 2**63
+
+
+def test_matching_partition_follows_each_sites_label_mix() -> None:
+    from fedround.tasks.core.partition import matching_partition
+
+    train_labels = np.array([0] * 90 + [1] * 10 + [1] * 100)
+    reference = [np.arange(0, 100), np.arange(100, 200)]  # site 0: mostly 0s; site 1: only 1s
+    test_labels = np.array([0] * 50 + [1] * 50)
+    shards = matching_partition(test_labels, reference, seed=3, reference_labels=train_labels)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(100))
+    site0 = test_labels[shards[0]]
+    site1 = test_labels[shards[1]]
+    assert (site0 == 0).sum() == 50 and (site1 == 0).sum() == 0  # all 0s go to site 0
+    assert 3 <= (site0 == 1).sum() <= 6  # site 0 holds 10 of the 110 training 1s
