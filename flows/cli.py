@@ -128,6 +128,21 @@ def _run_embedded(config_path: Path, run_id: str | None, processes: int | None) 
         dispatcher.close()
 
 
+# Other command groups live beside what they operate; each module exposes
+# ``register(app: typer.Typer) -> None`` and is listed here.
+COMMAND_MODULES: list[str] = []
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     try:
         app()
