@@ -31,13 +31,24 @@ class SiteUnavailable(Exception):
 
 
 class SiteDispatcher(Protocol):
+    def open_run(self, run_id: str, sites: list[str]) -> None:
+        """A training run starts (or resumes) with these sites."""
+
     def check_contract(
         self, site: str, federation: str, run_id: str, timeout: float
     ) -> ContractReport: ...
 
+    def announce_round(
+        self, round_: int, nonce: str, specs: list[RoundSpec], deadline: float
+    ) -> list[str]:
+        """A round opens; returns the sites known to be down (skipped, not waited for)."""
+
     def run_round(self, spec: RoundSpec, timeout: float) -> SiteRoundResult: ...
 
     def evaluate(self, spec: EvalSpec, timeout: float) -> SiteEvalResult: ...
+
+    def close_run(self, state: str) -> None:
+        """The training run ended (``finished`` or ``failed``)."""
 
     def close(self) -> None: ...
 
@@ -116,6 +127,17 @@ class EmbeddedDispatcher:
             raise SiteUnavailable(
                 f"site {site} missed the {timeout:.0f}s deadline for {what}"
             ) from None
+
+    def open_run(self, run_id: str, sites: list[str]) -> None:
+        """Nothing to start: the worker processes serve any site."""
+
+    def announce_round(
+        self, round_: int, nonce: str, specs: list[RoundSpec], deadline: float
+    ) -> list[str]:
+        return []
+
+    def close_run(self, state: str) -> None:
+        """Nothing to tell: the worker processes keep no per-run state."""
 
     def check_contract(
         self, site: str, federation: str, run_id: str, timeout: float

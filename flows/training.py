@@ -21,6 +21,7 @@ import secrets
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,15 +50,16 @@ from fedround.tasks.checkpoints import (
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import FederationConfig, load_federation_config
 from fedround.tasks.core.contract_report import ContractReport
-from fedround.tasks.core.errors import ConfigError, ObjectStoreError, QuorumNotReached
+from fedround.tasks.core.errors import ConfigError, QuorumNotReached, UpdateRejected
 from fedround.tasks.core.evaluation import EvalResult, evaluate
-from fedround.tasks.core.manifest import CheckpointManifest, GlobalManifest
+from fedround.tasks.core.manifest import CheckpointManifest, GlobalManifest, UpdateManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.selection import derive_seed, select_sites
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
 from fedround.tasks.core.strategies import build_strategy
-from fedround.tasks.core.validation import UpdateExpectation, tensor_specs
+from fedround.tasks.core.validation import UpdateExpectation, check_manifest, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
+from fedround.tasks.retry import only_transient
 from fedround.tasks.runtime import CoordinatorSettings
 from fedround.tasks.tracking import RunTracker
 
@@ -104,17 +106,6 @@ class RunResult(BaseModel):
     finished_at: str
 
 
-def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry object-store trouble; never retry a site's data or update failing validation."""
-    try:
-        state.result()
-    except ObjectStoreError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
@@ -127,7 +118,7 @@ def new_run_id() -> str:
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[1, 5],
-    retry_condition_fn=_is_transient,
+    retry_condition_fn=only_transient,
 )
 def check_contract(site: str, federation: str, run_id: str, timeout: float) -> ContractReport:
     report = current_dispatcher.get().check_contract(site, federation, run_id, timeout)
@@ -141,7 +132,7 @@ def check_contract(site: str, federation: str, run_id: str, timeout: float) -> C
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[1, 5],
-    retry_condition_fn=_is_transient,
+    retry_condition_fn=only_transient,
 )
 def site_round(spec: RoundSpec, timeout: float) -> SiteRoundResult:
     return current_dispatcher.get().run_round(spec, timeout)
@@ -247,8 +238,39 @@ def _named(task_: Any, round_: int, what: str) -> Any:
     return task_.with_options(task_run_name=f"round {round_} · {what}")
 
 
-def run_round(ctx: RunContext, round_: int) -> RoundSummary:
-    """One federated round, from the last committed checkpoint to the next."""
+def reject_late_updates(
+    store: ObjectStore, expected: UpdateExpectation, pending: set[tuple[int, str]]
+) -> dict[str, str]:
+    """Updates that arrived for rounds already closed: found, rejected, reported.
+
+    ``pending`` holds (round, site) pairs whose update did not arrive in time; any update
+    that shows up for them later is validated against the round now open, which rejects
+    it (its round and nonce are stale). Pairs older than three rounds are forgotten.
+    """
+    rejected: dict[str, str] = {}
+    for round_, site in sorted(pending):
+        key = keys.update_manifest_key(expected.federation, expected.run_id, round_, site)
+        if expected.round - round_ > 3:
+            pending.discard((round_, site))
+            continue
+        if not store.exists(key):
+            continue
+        pending.discard((round_, site))
+        try:
+            check_manifest(UpdateManifest.from_json(store.get(key)), replace(expected, site=site))
+        except UpdateRejected as exc:
+            rejected[site] = f"late update for round {round_} rejected: {exc}"
+        except ValueError as exc:
+            rejected[site] = f"late update for round {round_} rejected: malformed manifest ({exc})"
+    return rejected
+
+
+def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) -> RoundSummary:
+    """One federated round, from the last committed checkpoint to the next.
+
+    ``pending_late`` carries the (round, site) pairs whose update missed its deadline;
+    updates arriving for them later are rejected and reported here.
+    """
     started = time.perf_counter()
     logger = get_run_logger()
     config = ctx.config
@@ -259,27 +281,31 @@ def run_round(ctx: RunContext, round_: int) -> RoundSummary:
     selected = select_sites(
         ctx.eligible, config.selection.fraction, config.selection.min_sites, config.seed, round_
     )
-    futures = {
-        site: _named(site_round, round_, site).submit(
-            RoundSpec(
-                federation=config.federation,
-                run_id=ctx.run_id,
-                round=round_,
-                site=site,
-                nonce=announced.nonce,
-                global_sha256=announced.sha256,
-                seed=derive_seed(config.seed, "train", round_, site),
-                model=config.model,
-                training=config.training,
-            ),
-            config.selection.deadline_s,
+    specs = [
+        RoundSpec(
+            federation=config.federation,
+            run_id=ctx.run_id,
+            round=round_,
+            site=site,
+            nonce=announced.nonce,
+            global_sha256=announced.sha256,
+            seed=derive_seed(config.seed, "train", round_, site),
+            model=config.model,
+            training=config.training,
         )
         for site in selected
+    ]
+    down = current_dispatcher.get().announce_round(round_, announced.nonce, specs, deadline)
+    futures = {
+        spec.site: _named(site_round, round_, spec.site).submit(spec, config.selection.deadline_s)
+        for spec in specs
+        if spec.site not in down
     }
     done, failed = _collect(futures)
+    failed.update({site: "skipped: its site is down" for site in down})
     for site, reason in failed.items():
         logger.warning("site %s left out of round %d: %s", site, round_, reason)
-    specs = tensor_specs(previous.weights)
+    tensors = tensor_specs(previous.weights)
     expectations = {
         site: UpdateExpectation(
             federation=config.federation,
@@ -287,20 +313,26 @@ def run_round(ctx: RunContext, round_: int) -> RoundSummary:
             round=round_,
             nonce=announced.nonce,
             site=site,
-            specs=specs,
+            specs=tensors,
             max_bytes=config.limits.max_update_bytes,
             max_num_examples=ctx.max_examples.get(site, 1),
             max_norm=config.limits.max_update_norm,
         )
-        for site in done
+        for site in [*done, *failed]
     }
     outcome, strategy_state = _named(aggregate, round_, "aggregate")(
         ctx.settings.object_store,
         config.strategy.name,
         previous.strategy_state,
         previous.weights,
-        expectations,
+        {site: expectations[site] for site in done},
     )
+    late = {}
+    if expectations:
+        late = reject_late_updates(store, next(iter(expectations.values())), pending_late)
+    pending_late.update((round_, site) for site in failed)
+    for site, reason in late.items():
+        logger.warning("site %s: %s", site, reason)
     if len(outcome.accepted) < config.selection.min_sites or outcome.weights is None:
         missing = {**failed, **outcome.rejected}
         raise QuorumNotReached(
@@ -349,7 +381,7 @@ def run_round(ctx: RunContext, round_: int) -> RoundSummary:
         round=round_,
         selected=selected,
         accepted=outcome.accepted,
-        rejected=outcome.rejected,
+        rejected={**outcome.rejected, **late},
         failed=failed,
         metrics=metrics,
         seconds=seconds,
@@ -421,15 +453,44 @@ def _check_contracts(
 
 @flow(
     name="fedround-training",
-    flow_run_name="{run_id}",
+    flow_run_name=lambda: runtime.flow_run.parameters.get("run_id") or default_run_id(),
     validate_parameters=False,
     task_runner=ThreadPoolTaskRunner(max_workers=64),  # type: ignore[arg-type]  # one thread per waiting site
 )
-def train_federation(config_path: str, run_id: str) -> RunResult:
+def train_federation(config_path: str, run_id: str | None = None) -> RunResult:
     """Train one global model over the federation's sites; an existing ``run_id`` resumes
-    from its last committed checkpoint."""
+    from its last committed checkpoint.
+
+    Site work goes to the dispatcher in ``current_dispatcher`` (the embedded CLI sets one);
+    when none is set, as in a deployment run, each site's own work pool is used. Without a
+    ``run_id`` the run is named after its flow run, so a Prefect retry resumes it.
+    """
+    run_id = run_id or default_run_id()
+    dispatcher = current_dispatcher.get(None)
+    if dispatcher is not None:
+        return _train(config_path, run_id)
+    config = load_federation_config(Path(config_path))
+    settings = CoordinatorSettings.from_env()
+    from fedround.flows.distributed import DistributedDispatcher
+
+    token = current_dispatcher.set(DistributedDispatcher(config, open_store(settings.object_store)))
+    try:
+        return _train(config_path, run_id)
+    finally:
+        current_dispatcher.reset(token)
+
+
+def default_run_id() -> str:
+    """Scheduled and UI-triggered runs: named by date and flow run, stable across retries."""
+    flow_run_id = runtime.flow_run.id
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    return f"{day}-{str(flow_run_id)[:8]}" if flow_run_id else new_run_id()
+
+
+def _train(config_path: str, run_id: str) -> RunResult:
     started = time.perf_counter()
     logger = get_run_logger()
+    dispatcher = current_dispatcher.get()
     settings = CoordinatorSettings.from_env()
     path = Path(config_path)
     config = load_federation_config(path)
@@ -460,6 +521,7 @@ def train_federation(config_path: str, run_id: str) -> RunResult:
         tracker.log_text(path.read_text(), "config/federation.yaml")
         tracker.log_text(json.dumps(suite, indent=2), "config/contract.json")
     try:
+        dispatcher.open_run(run_id, [site.name for site in config.sites])
         passed, excluded = _check_contracts(config, run_id)
         if excluded:
             tracker.set_tags({"fedround.excluded_sites": json.dumps(excluded)[:5000]})
@@ -489,8 +551,10 @@ def train_federation(config_path: str, run_id: str) -> RunResult:
             },
         )
     except BaseException:
+        dispatcher.close_run("failed")
         tracker.finish("FAILED")
         raise
+    dispatcher.close_run("finished")
     final_metrics = {k: v for k, v in final.manifest.metrics.items() if k in {"accuracy", "loss"}}
     tracker.log_metrics({f"final_{k}": v for k, v in final_metrics.items()}, step=config.rounds)
     tracker.finish()
@@ -556,8 +620,9 @@ def _run_rounds(ctx: RunContext, first: int) -> list[RoundSummary]:
         file=sys.stderr,
         dynamic_ncols=True,
     ) as progress:
+        pending_late: set[tuple[int, str]] = set()
         for round_ in range(first, config.rounds + 1):
-            summary = run_round(ctx, round_)
+            summary = run_round(ctx, round_, pending_late)
             summaries.append(summary)
             progress.set_postfix(
                 acc=f"{summary.metrics.get('accuracy', float('nan')):.3f}",

@@ -144,6 +144,7 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         "train_loss": local.loss,
         "train_accuracy": local.accuracy,
         "train_seconds": local.seconds,
+        "bytes_down": float(nbytes_down),
     }
     manifest = UpdateManifest(
         federation=spec.federation,

@@ -76,3 +76,38 @@ def checkpoint_rounds(keys: list[str]) -> list[int]:
 def evaluation_model_key(federation: str, evaluation_id: str, label: str) -> str:
     """A model published for federated evaluation (e.g. ``candidate`` or ``production``)."""
     return f"{site_read_prefix(federation)}evaluations/{evaluation_id}/{label}.safetensors"
+
+
+# --- the control plane of a distributed run (small JSON objects) -------------------------
+
+
+def run_pointer_key(federation: str, run_id: str) -> str:
+    """``{"state": "running"|"finished"|"failed", "round": r, "nonce": …}``: what is open now."""
+    return f"{site_read_prefix(federation)}{run_id}/current.json"
+
+
+def round_plan_key(federation: str, run_id: str, round_: int) -> str:
+    """The open round's plan: one round spec per selected site."""
+    return f"{global_prefix(federation, run_id, round_)}plan.json"
+
+
+def site_run_prefix(federation: str, run_id: str, site: str) -> str:
+    return f"{site_write_prefix(federation, site)}{run_id}/"
+
+
+def session_key(federation: str, run_id: str, site: str, attempt: int) -> str:
+    """A site session's heartbeat (a counter the session bumps every second)."""
+    return f"{site_run_prefix(federation, run_id, site)}sessions/{attempt:04d}.json"
+
+
+def contract_report_key(federation: str, run_id: str, site: str) -> str:
+    return f"{site_run_prefix(federation, run_id, site)}contract.json"
+
+
+def round_error_key(federation: str, run_id: str, round_: int, site: str) -> str:
+    """Written by a site that could not complete a round, so the coordinator stops waiting."""
+    return f"{update_prefix(federation, run_id, round_, site)}error.json"
+
+
+def evaluation_result_key(federation: str, evaluation_id: str, site: str) -> str:
+    return f"{site_write_prefix(federation, site)}evaluations/{evaluation_id}.json"

@@ -1,0 +1,288 @@
+"""The distributed dispatcher: site work runs in each site's own Prefect work pool.
+
+At the start of a training run the coordinator asks every site's pool for one *site
+session* (``run_deployment`` of ``fedround-site-session/<pool>`` with an idempotency key
+run/site/attempt, linked as a sub-flow run of the coordinator). A Prefect worker at the
+site picks it up, with the site's data and credentials, and the session serves all of
+the run's rounds (see :mod:`fedround.site_workers.session`). Rounds are then dispatched
+through small objects in the object store: the coordinator writes the round's plan and
+moves the run pointer; each session uploads its update into its own prefix. This keeps
+the per-round orchestration cost well under a second while every round and every site's
+work stays visible in the Prefect UI and the pools decide where site work runs.
+
+Liveness: a session bumps a heartbeat counter every second; a site whose counter stops
+moving for ``liveness_s`` is left out of the open round at once (not at the deadline),
+and gets a fresh session for later rounds when its pool has a live worker again. A site
+whose pool has no worker heartbeat is skipped before dispatch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from fedround.flows.dispatch import SiteUnavailable
+from fedround.site_workers.site_round import EvalSpec, RoundSpec, SiteEvalResult, SiteRoundResult
+from fedround.tasks.core import keys
+from fedround.tasks.core.config import FederationConfig
+from fedround.tasks.core.contract_report import ContractReport
+from fedround.tasks.core.errors import ObjectNotFound
+from fedround.tasks.core.manifest import UpdateManifest
+from fedround.tasks.object_store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SESSION_DEPLOYMENT = "fedround-site-session"
+EVALUATION_DEPLOYMENT = "fedround-site-evaluation"
+
+
+def deployment_name(flow_name: str, pool: str) -> str:
+    """Deployments are named after the pool they target: ``<flow>/<pool>``."""
+    return f"{flow_name}/{pool}"
+
+
+@dataclass
+class _Session:
+    attempt: int = 0
+    flow_run_id: str | None = None
+    last_beat: int = -1
+    last_change: float = 0.0  # coordinator monotonic time the counter last moved
+    started_at: float = 0.0
+
+
+@dataclass
+class DistributedDispatcher:
+    """Reaches sites through their work pools and the object store."""
+
+    config: FederationConfig
+    store: ObjectStore
+    poll_s: float = 0.05
+    liveness_s: float = 5.0
+    join_timeout_s: float = 180.0
+    worker_stale_s: float = 20.0
+    run_id: str = ""
+    sessions: dict[str, _Session] = field(default_factory=dict)
+    down: dict[str, str] = field(default_factory=dict)
+
+    # --- pools and sessions -------------------------------------------------------------
+
+    def pool_problem(self, site: str) -> str | None:
+        """Why the site's pool cannot take work now, or ``None`` when a worker is live."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound as PrefectNotFound
+
+        pool = self.config.work_pool(site)
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_work_pool(pool)
+            except PrefectNotFound:
+                return f"work pool {pool!r} does not exist (run `fedround deploy`)"
+            workers = client.read_workers_for_work_pool(pool)
+        now = datetime.now(UTC)
+        live = [
+            w
+            for w in workers
+            if w.last_heartbeat_time
+            and now - w.last_heartbeat_time < timedelta(seconds=self.worker_stale_s)
+        ]
+        if not live:
+            return f"work pool {pool!r} has no worker online (start it: `fedround site start`)"
+        return None
+
+    def _start_session(self, site: str) -> None:
+        from prefect.deployments import run_deployment
+
+        session = self.sessions.setdefault(site, _Session())
+        session.attempt += 1
+        pool = self.config.work_pool(site)
+        flow_run: Any = run_deployment(
+            deployment_name(SESSION_DEPLOYMENT, pool),
+            parameters={
+                "federation": self.config.federation,
+                "run_id": self.run_id,
+                "site": site,
+                "attempt": session.attempt,
+            },
+            timeout=0,
+            idempotency_key=f"{self.run_id}/{site}/{session.attempt}",
+        )
+        session.flow_run_id = str(flow_run.id)
+        session.last_beat = -1
+        session.started_at = time.monotonic()
+        log.info("site %s: session %d requested in pool %s", site, session.attempt, pool)
+
+    def _ensure_sessions(self, sites: Iterable[str]) -> None:
+        """Start a session for every site that has none alive and a live pool."""
+        for site in sites:
+            session = self.sessions.get(site)
+            if session and session.attempt and self._alive_or_joining(site):
+                continue
+            problem = self.pool_problem(site)
+            if problem:
+                self.down[site] = problem
+                continue
+            self.down.pop(site, None)
+            self._start_session(site)
+
+    def _beat(self, site: str) -> int | None:
+        session = self.sessions[site]
+        key = keys.session_key(self.config.federation, self.run_id, site, session.attempt)
+        try:
+            return int(json.loads(self.store.get(key))["beat"])
+        except ObjectNotFound:
+            return None
+
+    def _alive_or_joining(self, site: str) -> bool:
+        """True while the session beats, or has not started yet but may still join."""
+        session = self.sessions[site]
+        beat = self._beat(site)
+        now = time.monotonic()
+        if beat is None:
+            return now - session.started_at < self.join_timeout_s
+        if beat != session.last_beat:
+            session.last_beat, session.last_change = beat, now
+        return now - session.last_change < self.liveness_s
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            return self.store.get(key)
+        except ObjectNotFound:
+            return None
+
+    def _poll(
+        self, site: str, what: str, timeout: float, probe: Callable[[], T | None], watch: bool
+    ) -> T:
+        """Call ``probe`` every ``poll_s`` until it returns something; fail at the deadline,
+        or at once when ``watch`` is set and the site's session stops beating."""
+        deadline = time.monotonic() + timeout
+        next_liveness = 0.0
+        while True:
+            found = probe()
+            if found is not None:
+                return found
+            now = time.monotonic()
+            if now >= deadline:
+                raise SiteUnavailable(f"site {site} missed the {timeout:.0f}s deadline for {what}")
+            if watch and now >= next_liveness:
+                next_liveness = now + 0.5
+                if not self._alive_or_joining(site):
+                    raise SiteUnavailable(f"site {site}'s session stopped answering during {what}")
+            time.sleep(self.poll_s)
+
+    # --- the dispatcher protocol --------------------------------------------------------
+
+    def open_run(self, run_id: str, sites: list[str]) -> None:
+        self.run_id = run_id
+        self._put_pointer({"state": "running", "round": 0, "nonce": ""})
+        self._ensure_sessions(sites)
+
+    def check_contract(
+        self, site: str, federation: str, run_id: str, timeout: float
+    ) -> ContractReport:
+        if site in self.down:
+            raise SiteUnavailable(f"site {site}: {self.down[site]}")
+        key = keys.contract_report_key(federation, run_id, site)
+        payload = self._poll(
+            site,
+            "its data contract",
+            min(timeout, self.join_timeout_s),
+            lambda: self._get(key),
+            watch=True,
+        )
+        return ContractReport.model_validate_json(payload)
+
+    def announce_round(
+        self, round_: int, nonce: str, specs: list[RoundSpec], deadline: float
+    ) -> list[str]:
+        """Publish the round's plan and open it; returns the sites skipped as down."""
+        self._ensure_sessions(spec.site for spec in specs)
+        plan = {
+            "round": round_,
+            "nonce": nonce,
+            "deadline_epoch": deadline,
+            "specs": {s.site: s.model_dump(mode="json") for s in specs if s.site not in self.down},
+        }
+        federation = self.config.federation
+        self.store.put(
+            keys.round_plan_key(federation, self.run_id, round_), json.dumps(plan).encode()
+        )
+        self._put_pointer({"state": "running", "round": round_, "nonce": nonce})
+        return sorted(s.site for s in specs if s.site in self.down)
+
+    def run_round(self, spec: RoundSpec, timeout: float) -> SiteRoundResult:
+        if spec.site in self.down:
+            raise SiteUnavailable(f"site {spec.site}: {self.down[spec.site]}")
+        started = time.monotonic()
+        federation, run_id, round_, site = spec.federation, spec.run_id, spec.round, spec.site
+        manifest_key = keys.update_manifest_key(federation, run_id, round_, site)
+        error_key = keys.round_error_key(federation, run_id, round_, site)
+
+        def probe() -> tuple[bytes, UpdateManifest | None] | None:
+            raw = self._get(manifest_key)
+            if raw is not None:
+                try:
+                    manifest = UpdateManifest.from_json(raw)
+                except ValueError:
+                    return raw, None  # malformed: aggregation rejects it, with its reason
+                if manifest.nonce == spec.nonce:
+                    return raw, manifest
+            error = self._error(error_key, spec.nonce)
+            if error:
+                raise SiteUnavailable(f"site {site} failed round {round_}: {error}")
+            return None
+
+        raw, manifest = self._poll(site, f"round {round_}", timeout, probe, watch=True)
+        return SiteRoundResult(
+            site=site,
+            round=round_,
+            ok=True,
+            num_examples=manifest.num_examples if manifest else 0,
+            update_key=keys.update_key(federation, run_id, round_, site),
+            manifest_key=manifest_key,
+            nbytes_up=(manifest.nbytes if manifest else 0) + len(raw),
+            nbytes_down=int(manifest.metrics.get("bytes_down", 0)) if manifest else 0,
+            metrics=manifest.metrics if manifest else {},
+            seconds=time.monotonic() - started,
+        )
+
+    def _error(self, key: str, nonce: str) -> str | None:
+        try:
+            body: dict[str, Any] = json.loads(self.store.get(key))
+        except ObjectNotFound:
+            return None
+        return str(body.get("error")) if body.get("nonce") == nonce else None
+
+    def evaluate(self, spec: EvalSpec, timeout: float) -> SiteEvalResult:
+        from prefect.deployments import run_deployment
+
+        problem = self.pool_problem(spec.site)
+        if problem:
+            raise SiteUnavailable(f"site {spec.site}: {problem}")
+        evaluation_id = spec.model_key.rsplit("/", 2)[-2]
+        run_deployment(
+            deployment_name(EVALUATION_DEPLOYMENT, self.config.work_pool(spec.site)),
+            parameters={"evaluation_id": evaluation_id, "spec": spec.model_dump(mode="json")},
+            timeout=0,
+            idempotency_key=f"{evaluation_id}/{spec.site}/{spec.model_key}",
+        )
+        key = keys.evaluation_result_key(spec.federation, evaluation_id, spec.site)
+        payload = self._poll(spec.site, "its evaluation", timeout, lambda: self._get(key), False)
+        return SiteEvalResult.model_validate_json(payload)
+
+    def close_run(self, state: str) -> None:
+        if self.run_id:
+            self._put_pointer({"state": state})
+
+    def close(self) -> None:
+        """Nothing to release: sessions end by themselves when the run is closed."""
+
+    def _put_pointer(self, body: dict[str, Any]) -> None:
+        key = keys.run_pointer_key(self.config.federation, self.run_id)
+        self.store.put(key, json.dumps(body).encode())
