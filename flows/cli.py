@@ -88,12 +88,24 @@ def run(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the run's result as JSON on the last line.")
     ] = False,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="Send site work to each site's work pool on the Prefect server at "
+            "PREFECT_API_URL (after `fedround deploy`), instead of local processes.",
+        ),
+    ] = False,
 ) -> None:
-    """Run a federation on the embedded default: all sites on this machine."""
+    """Run a federation: on the embedded default (all sites on this machine), or with
+    --distributed through the sites' own Prefect work pools."""
     state = state_dir.resolve()
     environment.configure(state)
     try:
-        result = _run_embedded(config.resolve(), run_id, processes)
+        if distributed:
+            result = _run_distributed(config.resolve(), run_id)
+        else:
+            result = _run_embedded(config.resolve(), run_id, processes)
     except FedroundError as exc:
         _fail(str(exc), 2 if "config" in type(exc).__name__.lower() else 1)
     result_file = state / "runs" / result["run_id"] / "result.json"
@@ -102,6 +114,22 @@ def run(
     print_summary(result, result_file, state)
     if as_json:
         typer.echo(json.dumps(result))
+
+
+def _run_distributed(config_path: Path, run_id: str | None) -> dict[str, Any]:
+    import os
+
+    from fedround.tasks.core.errors import ConfigError
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError(
+            "--distributed needs a Prefect server: set PREFECT_API_URL (see `fedround up`)"
+        )
+    from fedround.flows.training import new_run_id, train_federation
+
+    environment.quiet_known_errors()
+    result = train_federation(config_path=str(config_path), run_id=run_id or new_run_id())
+    return result.model_dump(mode="json")
 
 
 def _run_embedded(config_path: Path, run_id: str | None, processes: int | None) -> dict[str, Any]:
@@ -130,7 +158,7 @@ def _run_embedded(config_path: Path, run_id: str | None, processes: int | None) 
 
 # Other command groups live beside what they operate; each module exposes
 # ``register(app: typer.Typer) -> None`` and is listed here.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["fedround.flows.distributed_cli", "fedround.flows.services_cli"]
 
 
 def _register_commands() -> None:

@@ -20,6 +20,12 @@ class SiteSettings(BaseModel):
     data_dir: Path = Field(description="folder holding train.npz (and test.npz, if any)")
     object_store: ObjectStoreSettings
     threads: int = Field(1, ge=1, description="torch threads for local training")
+    work_pool: str | None = Field(None, description="defaults to '<federation>-<site>'")
+    prefect_api_url: str | None = Field(None, description="defaults to $PREFECT_API_URL")
+
+    @property
+    def pool(self) -> str:
+        return self.work_pool or f"{self.federation}-{self.site}"
 
 
 def load_site_settings(path: Path) -> SiteSettings:

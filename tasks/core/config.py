@@ -90,6 +90,67 @@ class RegistryConfig(_Strict):
     model_name: str | None = Field(None, description="defaults to '<federation>-global'")
 
 
+class RolloutConfig(_Strict):
+    """Staged rollout: canary sites get a new production model first, everyone after a check."""
+
+    canary: list[Name] = Field(
+        default_factory=list,
+        description="sites that get the new model first (alias 'production-<site>'); "
+        "empty: everyone at once",
+    )
+    min_soak_s: float = Field(
+        0.0, ge=0, description="how long the canary runs before the rollout may complete"
+    )
+    recheck: bool = Field(
+        True, description="re-evaluate at the canary sites before completing the rollout"
+    )
+
+
+class PromotionConfig(_Strict):
+    """Gates a candidate must pass to replace production (federated evaluation at sites)."""
+
+    metric: Literal["accuracy", "loss"] = "accuracy"
+    min_gain: float = Field(
+        0.0, description="δ: global metric must beat production's by at least this"
+    )
+    max_site_drop: float = Field(
+        0.02, ge=0, description="ε: no site may be worse than under production by more"
+    )
+    site_floor: float | None = Field(
+        None, description="worst site's metric must be at least this (at most, for loss)"
+    )
+    min_sites: int | None = Field(
+        None, ge=1, description="sites that must evaluate; defaults to selection.min_sites"
+    )
+    eval_timeout_s: float = Field(300.0, gt=0, description="how long to wait for a site")
+    lock_ttl_s: float = Field(
+        3600.0, gt=0, description="a promotion lock older than this may be taken over"
+    )
+    rollout: RolloutConfig = RolloutConfig()
+
+
+class ScheduleConfig(_Strict):
+    """When the coordinator deployment runs: nightly, in the tenant's low-usage hours."""
+
+    cron: str = Field("0 2 * * *", description="five-field cron expression")
+    timezone: str = Field("UTC", description="IANA time zone of the tenant, e.g. Europe/Berlin")
+    active: bool = True
+
+    @model_validator(mode="after")
+    def _valid(self) -> ScheduleConfig:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if len(self.cron.split()) != 5:
+            raise ValueError(
+                f"cron {self.cron!r} must have five fields (minute hour day month weekday)"
+            )
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.timezone!r}; use an IANA name") from None
+        return self
+
+
 class SiteEntry(_Strict):
     name: Name
     work_pool: str | None = Field(None, description="defaults to '<federation>-<site>'")
@@ -108,6 +169,8 @@ class FederationConfig(_Strict):
     selection: SelectionConfig = SelectionConfig()
     limits: LimitsConfig = LimitsConfig()
     registry: RegistryConfig = RegistryConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     contract: str = Field(description="Great Expectations suite (JSON), relative to this file")
     sites: list[SiteEntry] = Field(min_length=1)
 
@@ -117,6 +180,11 @@ class FederationConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"site names must be unique, repeated: {duplicates}")
+        unknown = sorted(set(self.promotion.rollout.canary) - set(names))
+        if unknown:
+            raise ValueError(
+                f"promotion.rollout.canary names sites that are not in sites: {unknown}"
+            )
         if self.selection.min_sites > len(self.sites):
             raise ValueError(
                 f"selection.min_sites={self.selection.min_sites} is more than the "
@@ -127,6 +195,10 @@ class FederationConfig(_Strict):
     @property
     def model_name(self) -> str:
         return self.registry.model_name or f"{self.federation}-global"
+
+    @property
+    def coordinator_pool(self) -> str:
+        return f"{self.federation}-coordinator"
 
     def work_pool(self, site: str) -> str:
         entry = next(s for s in self.sites if s.name == site)

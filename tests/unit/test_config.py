@@ -67,3 +67,14 @@ def test_not_yaml_and_missing_file_are_clear(tmp_path: Path) -> None:
         parse_federation_config("federation: [unclosed")
     with pytest.raises(ConfigError, match="cannot read federation config"):
         load_federation_config(tmp_path / "absent.yaml")
+
+
+def test_schedule_is_validated() -> None:
+    config = parse_federation_config(
+        MINIMAL + "schedule: {cron: '30 1 * * *', timezone: Europe/Berlin}\n"
+    )
+    assert (config.schedule.cron, config.schedule.timezone) == ("30 1 * * *", "Europe/Berlin")
+    with pytest.raises(ConfigError, match="unknown time zone 'Mars/Olympus'"):
+        parse_federation_config(MINIMAL + "schedule: {timezone: Mars/Olympus}\n")
+    with pytest.raises(ConfigError, match="five fields"):
+        parse_federation_config(MINIMAL + "schedule: {cron: '@daily'}\n")

@@ -1,0 +1,70 @@
+"""Start the Prefect worker that serves one site's work pool (``fedround site start``).
+
+The worker polls the site's own pool, so the coordinator never reaches into the site:
+work is pulled. Every flow run it starts inherits this process's environment, which is
+how the site's settings file (data path, object-store credentials) reaches the site
+session without ever leaving the site.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from fedround.tasks.core.errors import ConfigError
+
+from .session import SITE_CONFIG_ENV
+from .settings import SiteSettings, load_site_settings
+
+WORKER_ENV = {
+    # Pick up new flow runs within a second; start them up to 5 s before they are due.
+    "PREFECT_WORKER_QUERY_SECONDS": "1",
+    "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+    # Heartbeat often, so the coordinator sees a dead site's pool within ~20 s.
+    "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+}
+
+
+def worker_command(settings: SiteSettings, config_file: Path) -> tuple[list[str], dict[str, str]]:
+    """The ``prefect worker start`` command line and environment for this site."""
+    api_url = settings.prefect_api_url or os.environ.get("PREFECT_API_URL")
+    if not api_url:
+        raise ConfigError(
+            f"{config_file}: set prefect_api_url (or PREFECT_API_URL) to the coordinator's "
+            "Prefect server, e.g. http://127.0.0.1:4200/api"
+        )
+    prefect = Path(sys.executable).with_name("prefect")
+    argv = [
+        str(prefect) if prefect.exists() else "prefect",
+        "worker",
+        "start",
+        "--pool",
+        settings.pool,
+        "--type",
+        "process",
+        "--name",
+        f"{settings.site}@{socket.gethostname()}",
+    ]
+    env = {
+        **os.environ,
+        **{k: v for k, v in WORKER_ENV.items() if k not in os.environ},
+        SITE_CONFIG_ENV: str(config_file.resolve()),
+        "PREFECT_API_URL": api_url,
+    }
+    return argv, env
+
+
+def start_site_worker(config_file: Path) -> None:
+    """Replace this process with the site's Prefect worker (for systemd, k8s, compose)."""
+    settings = load_site_settings(config_file)
+    if not (settings.data_dir / "train.npz").exists():
+        raise ConfigError(f"{config_file}: no train.npz in data_dir {settings.data_dir}")
+    argv, env = worker_command(settings, config_file)
+    os.chdir(config_file.resolve().parent)
+    os.execvpe(argv[0], argv, env)
