@@ -356,7 +356,12 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         ctx, round_, outcome.weights, strategy_state, metrics, sorted(outcome.accepted)
     )
     seconds = time.perf_counter() - started
+    slowest = max(
+        (done[s].metrics.get("train_seconds", 0.0) for s in outcome.accepted), default=0.0
+    )
     metrics["round_seconds"] = seconds
+    metrics["slowest_site_train_seconds"] = slowest
+    metrics["orchestration_overhead_seconds"] = seconds - slowest
     site_metrics = {
         f"site.{site}.{name}": value
         for site in outcome.accepted
@@ -558,8 +563,13 @@ def _train(config_path: str, run_id: str) -> RunResult:
     final_metrics = {k: v for k, v in final.manifest.metrics.items() if k in {"accuracy", "loss"}}
     tracker.log_metrics({f"final_{k}": v for k, v in final_metrics.items()}, step=config.rounds)
     tracker.finish()
+    timed = {s.round: s.metrics for s in summaries}  # rounds run by this process carry timings
     history = [
-        {"round": r, **read_manifest(store, config.federation, run_id, r).metrics}
+        {
+            "round": r,
+            **read_manifest(store, config.federation, run_id, r).metrics,
+            **timed.get(r, {}),
+        }
         for r in committed_rounds(store, config.federation, run_id)
         if r > 0
     ]
