@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from fedround.tasks.core.errors import ConfigError, ObjectNotFound, ObjectStoreError
 
+_Headers = dict[str, str | list[str] | tuple[str]]  # what the MinIO SDK accepts as headers
+
 
 def _check_key(key: str) -> str:
     parts = key.split("/")
@@ -57,6 +59,18 @@ class ObjectStore(ABC):
         except ObjectNotFound:
             return False
         return True
+
+    # Conditional writes: the primitives behind locks and the append-only audit log. Both
+    # are atomic across processes (and, on S3, across machines): of several concurrent
+    # callers exactly one succeeds.
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist; ``False`` if it already did."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
+    def replace(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Overwrite ``key`` only if it still holds ``expected`` (compare-and-swap)."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
 
 
 class LocalObjectStore(ObjectStore):
@@ -108,6 +122,41 @@ class LocalObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def _temp_copy(self, path: Path, data: bytes) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return tmp
+
+    def create(self, key: str, data: bytes) -> bool:
+        # link(2) fails if the target exists, and the target appears complete or not at all.
+        path = self._path(key)
+        tmp = self._temp_copy(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def replace(self, key: str, data: bytes, expected: bytes) -> bool:
+        import fcntl
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.cas", "a+b") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file closes
+            try:
+                if path.read_bytes() != expected:
+                    return False
+            except FileNotFoundError:
+                return False
+            tmp = self._temp_copy(path, data)
+            os.replace(tmp, path)
+            return True
 
     def uri(self, key: str) -> str:
         return (self.root / key).as_uri()
@@ -180,6 +229,41 @@ class S3ObjectStore(ObjectStore):
             self.client.remove_object(self.bucket, _check_key(key))
         except Exception as exc:
             raise self._error(key, exc) from exc
+
+    def _conditional_put(self, key: str, data: bytes, condition: _Headers) -> bool:
+        # S3 conditional writes (If-None-Match / If-Match). The MinIO SDK's public put_object
+        # turns unknown headers into user metadata, so its plain PutObject call is used.
+        from minio.error import S3Error
+
+        try:
+            self.client._put_object(self.bucket, _check_key(key), data, headers=condition)
+        except S3Error as exc:
+            if exc.code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                return False
+            raise self._error(key, exc) from exc
+        except Exception as exc:
+            raise self._error(key, exc) from exc
+        return True
+
+    def create(self, key: str, data: bytes) -> bool:
+        return self._conditional_put(key, data, {"If-None-Match": "*"})
+
+    def replace(self, key: str, data: bytes, expected: bytes) -> bool:
+        try:
+            response = self.client.get_object(self.bucket, _check_key(key))
+        except Exception as exc:
+            error = self._error(key, exc)
+            if isinstance(error, ObjectNotFound):
+                return False
+            raise error from exc
+        try:
+            current, etag = bytes(response.read()), response.headers.get("ETag", "")
+        finally:
+            response.close()
+            response.release_conn()
+        if current != expected or not etag:
+            return False
+        return self._conditional_put(key, data, {"If-Match": etag})
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

@@ -6,6 +6,8 @@
     <federation>/global/<run>/round-0003/model.safetensors (+ model.json)
     <federation>/updates/<site>/<run>/round-0003/update.safetensors (+ update.json)
     <federation>/checkpoints/<run>/round-0003/{weights.safetensors,strategy.json,manifest.json}
+    <federation>/locks/promotion-<model>.json                     single-writer locks
+    <federation>/audit/000000000042.jsonl                         append-only audit log
 
 Everything a site may read lies under ``<federation>/global/`` and everything it may write
 under ``<federation>/updates/<site>/``, so per-site object-store credentials can grant
@@ -111,3 +113,20 @@ def round_error_key(federation: str, run_id: str, round_: int, site: str) -> str
 
 def evaluation_result_key(federation: str, evaluation_id: str, site: str) -> str:
     return f"{site_write_prefix(federation, site)}evaluations/{evaluation_id}.json"
+
+
+# --- model lifecycle (coordinator only: no site credential reaches these prefixes) --------
+
+
+def lock_key(federation: str, name: str) -> str:
+    """A single-writer lock, e.g. ``promotion-<model>`` (see :mod:`fedround.tasks.locks`)."""
+    return f"{federation}/locks/{name}.json"
+
+
+def audit_prefix(federation: str) -> str:
+    return f"{federation}/audit/"
+
+
+def audit_entry_key(federation: str, sequence: int) -> str:
+    """Entry ``sequence`` of the federation's append-only audit log (one JSON line)."""
+    return f"{audit_prefix(federation)}{sequence:012d}.jsonl"
