@@ -1,0 +1,176 @@
+"""What the embedded default costs over a plain torch loop doing the same federated work.
+
+Runs the demo federation (deployments/examples/mnist-demo.yaml unless told otherwise)
+through fedround and through ``plain_fedavg.py`` (same data, seeds, model, training,
+FedAvg, evaluation) and prints:
+
+- median round time of each, measured in this one benchmark process (fedround through the
+  same function ``fedround run`` calls, then the plain loop), and their ratio;
+- whole-command wall time of ``fedround run`` (cold: fresh state dir, so Prefect's and
+  MLflow's databases are created; warm: the state dir reused) and of the plain loop
+  script, as separate processes, medians over ``--repeats``;
+- peak memory: the largest single process and the whole process tree (sampled every
+  0.1 s with psutil), for both commands;
+- final accuracy of each.
+
+    .venv/bin/python benchmarks/embedded_overhead.py [--repeats 3] [--config FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "deployments/examples/mnist-demo.yaml"
+BIN = Path(sys.executable).parent
+
+
+def measure(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run a command to completion, sampling the RSS of its whole process tree."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    root = psutil.Process(process.pid)
+    peak_tree = peak_single = 0
+    while process.poll() is None:
+        try:
+            members = [root, *root.children(recursive=True)]
+            sizes = []
+            for member in members:
+                with contextlib.suppress(psutil.Error):
+                    sizes.append(member.memory_info().rss)
+            peak_tree = max(peak_tree, sum(sizes))
+            peak_single = max(peak_single, max(sizes, default=0))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    stdout = process.stdout.read() if process.stdout else ""
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"{argv} exited with {process.returncode}")
+    return {
+        "seconds": seconds,
+        "peak_tree_mib": peak_tree / 2**20,
+        "peak_process_mib": peak_single / 2**20,
+        "result": json.loads(stdout.strip().splitlines()[-1]),
+    }
+
+
+def in_process_rounds(config_path: Path, state: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """fedround (as `fedround run` runs it) then the plain loop, in this one process."""
+    from fedround.flows import environment
+
+    environment.configure(state)
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
+    from fedround.flows.cli import _run_embedded
+
+    fed = _run_embedded(config_path, None, None)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from plain_fedavg import run_plain
+
+    from fedround.tasks.core.config import load_federation_config
+
+    plain = run_plain(load_federation_config(config_path))
+    return fed, plain
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEMO)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    scratch = Path(tempfile.mkdtemp(prefix="fedround-bench-"))
+
+    print(f"benchmark: {args.config} (cores: {os.cpu_count()})", flush=True)
+    fed, plain = in_process_rounds(args.config.resolve(), scratch / "in-process")
+    fed_rounds = [h["round_seconds"] for h in fed["history"]]
+    ratio = statistics.median(fed_rounds) / plain["round_median_seconds"]
+
+    cold, warm, baseline = [], [], []
+    for i in range(args.repeats):
+        state = scratch / f"cmd-{i}"
+        command = [
+            str(BIN / "fedround"),
+            "run",
+            str(args.config),
+            "--json",
+            "--state-dir",
+            str(state),
+        ]
+        cold.append(measure(command, env))
+        warm.append(measure(command, env))
+        baseline.append(
+            measure(
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("plain_fedavg.py")),
+                    str(args.config),
+                    "--json",
+                ],
+                env,
+            )
+        )
+        print(f"  repeat {i + 1}/{args.repeats} done", flush=True)
+
+    def med(runs: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    report = {
+        "round_median_seconds": {
+            "fedround": statistics.median(fed_rounds),
+            "plain": plain["round_median_seconds"],
+            "ratio": ratio,
+        },
+        "command_seconds": {
+            "fedround_cold": med(cold, "seconds"),
+            "fedround_warm": med(warm, "seconds"),
+            "plain": med(baseline, "seconds"),
+            "ratio_cold": med(cold, "seconds") / med(baseline, "seconds"),
+            "ratio_warm": med(warm, "seconds") / med(baseline, "seconds"),
+        },
+        "peak_memory_mib": {
+            "fedround_largest_process": max(r["peak_process_mib"] for r in cold + warm),
+            "fedround_process_tree": max(r["peak_tree_mib"] for r in cold + warm),
+            "plain": max(r["peak_tree_mib"] for r in baseline),
+        },
+        "final_accuracy": {
+            "fedround": fed["final_metrics"]["accuracy"],
+            "plain": plain["final_accuracy"],
+        },
+        "repeats": args.repeats,
+    }
+    r, c, m = report["round_median_seconds"], report["command_seconds"], report["peak_memory_mib"]
+    print(
+        f"\nround time (median)   fedround {r['fedround']:.3f}s   plain {r['plain']:.3f}s   "
+        f"ratio {r['ratio']:.2f} (goal <= 1.10)\n"
+        f"whole command         fedround {c['fedround_cold']:.1f}s cold / "
+        f"{c['fedround_warm']:.1f}s warm   plain {c['plain']:.1f}s   ratio {c['ratio_cold']:.2f} / {c['ratio_warm']:.2f} "
+        f"(goal <= 1.5)\n"
+        f"peak memory           fedround largest process {m['fedround_largest_process']:.0f} MiB, "
+        f"whole tree {m['fedround_process_tree']:.0f} MiB   plain {m['plain']:.0f} MiB "
+        f"(goal <= 800)\n"
+        f"final accuracy        fedround {report['final_accuracy']['fedround']:.4f}   "
+        f"plain {report['final_accuracy']['plain']:.4f}"
+    )
+    out = ROOT / "benchmarks/results"
+    out.mkdir(exist_ok=True)
+    (out / "embedded_overhead.json").write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {out / 'embedded_overhead.json'}")
+
+
+if __name__ == "__main__":
+    main()
