@@ -11,3 +11,6 @@ for _name, _value in {
     "GX_ANALYTICS_ENABLED": "false",
 }.items():
     os.environ.setdefault(_name, _value)
+
+# Real local services (S3, MLflow, Prefect on Postgres) as session fixtures: see tests/services.py.
+pytest_plugins = ["tests.services"]
