@@ -96,16 +96,35 @@ def run(
             "PREFECT_API_URL (after `fedround deploy`), instead of local processes.",
         ),
     ] = False,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from a registered model's weights (a fine-tune), e.g. "
+            "models:/mnist-demo-global@production."
+        ),
+    ] = None,
+    allow_dirty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-dirty",
+            envvar="FEDROUND_ALLOW_DIRTY",
+            help="Run even if the config or its suite has uncommitted changes (recorded).",
+        ),
+    ] = False,
 ) -> None:
     """Run a federation: on the embedded default (all sites on this machine), or with
     --distributed through the sites' own Prefect work pools."""
     state = state_dir.resolve()
     environment.configure(state)
+    options: dict[str, Any] = {"init_from": init_from, "allow_dirty": allow_dirty}
     try:
+        from fedround.tasks.run_lineage import precheck
+
+        precheck(config.resolve(), allow_dirty)  # refuse a dirty config before starting
         if distributed:
-            result = _run_distributed(config.resolve(), run_id)
+            result = _run_distributed(config.resolve(), run_id, **options)
         else:
-            result = _run_embedded(config.resolve(), run_id, processes)
+            result = _run_embedded(config.resolve(), run_id, processes, **options)
     except FedroundError as exc:
         _fail(str(exc), 2 if "config" in type(exc).__name__.lower() else 1)
     result_file = state / "runs" / result["run_id"] / "result.json"
@@ -116,7 +135,7 @@ def run(
         typer.echo(json.dumps(result))
 
 
-def _run_distributed(config_path: Path, run_id: str | None) -> dict[str, Any]:
+def _run_distributed(config_path: Path, run_id: str | None, **options: Any) -> dict[str, Any]:
     import os
 
     from fedround.tasks.core.errors import ConfigError
@@ -128,11 +147,15 @@ def _run_distributed(config_path: Path, run_id: str | None) -> dict[str, Any]:
     from fedround.flows.training import new_run_id, train_federation
 
     environment.quiet_known_errors()
-    result = train_federation(config_path=str(config_path), run_id=run_id or new_run_id())
+    result = train_federation(
+        config_path=str(config_path), run_id=run_id or new_run_id(), **options
+    )
     return result.model_dump(mode="json")
 
 
-def _run_embedded(config_path: Path, run_id: str | None, processes: int | None) -> dict[str, Any]:
+def _run_embedded(
+    config_path: Path, run_id: str | None, processes: int | None, **options: Any
+) -> dict[str, Any]:
     from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
     from fedround.tasks.core.config import load_federation_config
     from fedround.tasks.demo_sites import provision_demo_sites
@@ -149,7 +172,9 @@ def _run_embedded(config_path: Path, run_id: str | None, processes: int | None) 
 
         environment.quiet_known_errors()
 
-        result = train_federation(config_path=str(config_path), run_id=run_id or new_run_id())
+        result = train_federation(
+            config_path=str(config_path), run_id=run_id or new_run_id(), **options
+        )
         return result.model_dump(mode="json")
     finally:
         current_dispatcher.reset(token)

@@ -66,12 +66,22 @@ def _site_settings(config_file: str) -> SiteSettings:
     return load_site_settings(Path(config_file))
 
 
-def _warm_up() -> int:
-    """Import the heavy site-side libraries once per worker process."""
-    import great_expectations  # noqa: F401  (the data contract)
+def _warm_up_training() -> int:
+    """Import torch and the site round once per training worker process."""
     import torch
 
+    import fedround.site_workers.site_round  # noqa: F401
+
     torch.set_num_threads(1)
+    return os.getpid()
+
+
+def _warm_up_contracts() -> int:
+    """Import Great Expectations (seconds) in the one process that checks contracts."""
+    import great_expectations  # noqa: F401
+
+    import fedround.site_workers.site_round  # noqa: F401
+
     return os.getpid()
 
 
@@ -97,19 +107,33 @@ def _evaluate_in_worker(config_file: str, spec: EvalSpec) -> SiteEvalResult:
 
 
 class EmbeddedDispatcher:
-    """Runs site work in ``processes`` local worker processes (spawned, one torch thread each)."""
+    """Runs site work in local worker processes (spawned, one torch thread each).
+
+    Training and evaluation share ``processes`` workers. Data contracts run in one more
+    process of their own, the only one that imports Great Expectations (seconds of start-up
+    and ~150 MB); it is shut down once the first round opens.
+    """
 
     def __init__(self, site_configs: Mapping[str, Path], processes: int) -> None:
         self.site_configs = {site: str(path) for site, path in site_configs.items()}
         self.processes = max(1, min(processes, len(site_configs)))
-        self.pool = ProcessPoolExecutor(
-            max_workers=self.processes, mp_context=multiprocessing.get_context("spawn")
-        )
-        self._warm: list[Future[int]] = []
+        spawn = multiprocessing.get_context("spawn")
+        self.pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=spawn)
+        self.contract_pool: ProcessPoolExecutor | None = ProcessPoolExecutor(1, mp_context=spawn)
 
     def warm_up(self) -> None:
         """Start the workers and their imports now, while the coordinator starts up."""
-        self._warm = [self.pool.submit(_warm_up) for _ in range(self.processes)]
+        for _ in range(self.processes):
+            self.pool.submit(_warm_up_training)
+        if self.contract_pool is not None:
+            self.contract_pool.submit(_warm_up_contracts)
+
+    def _contracts(self) -> ProcessPoolExecutor:
+        if self.contract_pool is None:  # contracts checked again after the first round
+            self.contract_pool = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self.contract_pool
 
     def _config(self, site: str) -> str:
         try:
@@ -134,6 +158,9 @@ class EmbeddedDispatcher:
     def announce_round(
         self, round_: int, nonce: str, specs: list[RoundSpec], deadline: float
     ) -> list[str]:
+        if self.contract_pool is not None:  # contracts are done: free that process
+            self.contract_pool.shutdown(wait=False)
+            self.contract_pool = None
         return []
 
     def close_run(self, state: str) -> None:
@@ -142,7 +169,9 @@ class EmbeddedDispatcher:
     def check_contract(
         self, site: str, federation: str, run_id: str, timeout: float
     ) -> ContractReport:
-        future = self.pool.submit(_contract_in_worker, self._config(site), federation, run_id)
+        future = self._contracts().submit(
+            _contract_in_worker, self._config(site), federation, run_id
+        )
         result = self._wait(future, site, "its data contract", timeout)  # type: ignore[arg-type]
         assert isinstance(result, ContractReport)
         return result
@@ -160,4 +189,13 @@ class EmbeddedDispatcher:
         return result
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers: they hold no state, so waiting for a clean exit buys nothing."""
+        for pool in (self.pool, self.contract_pool):
+            if pool is None:
+                continue
+            processes = list(getattr(pool, "_processes", {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.join(timeout=5)

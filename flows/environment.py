@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 from fedround.tasks.core.errors import FedroundError
@@ -17,6 +18,10 @@ TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "GX_ANALYTICS_ENABLED": "false",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
+QUIET = {
+    # MLflow draws a progress bar for every artifact download; the CLI has its own.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
@@ -31,8 +36,30 @@ def configure(state_dir: Path, quiet_console: bool = True) -> None:
     # Rounds and site task runs log at INFO to the Prefect API (the UI shows them);
     # the terminal shows the progress bar and warnings only.
     if quiet_console:
+        for name, value in QUIET.items():
+            os.environ.setdefault(name, value)
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+def start_prefect_early() -> threading.Thread | None:
+    """Boot Prefect's temporary local server in the background, now.
+
+    Without ``PREFECT_API_URL`` the first flow call starts a temporary server and waits
+    for it (seconds). Starting it first lets that overlap with the rest of start-up; join
+    the returned thread before the first flow call. ``None`` when a server is configured.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def boot() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().start()  # the client finds this same instance later
+
+    thread = threading.Thread(target=boot, name="fedround-prefect-boot", daemon=True)
+    thread.start()
+    return thread
 
 
 class _KnownErrorFilter(logging.Filter):

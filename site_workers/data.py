@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported only where the contract view is built
+    import pandas as pd
 
 TRAIN_FILE = "train.npz"
 TEST_FILE = "test.npz"
@@ -53,6 +56,8 @@ def profile_frame(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
     ``feature_max`` (ignoring NaNs). A missing array simply leaves its columns out, so the
     contract reports the missing column by name.
     """
+    import pandas as pd
+
     columns: dict[str, object] = {}
     if "labels" in arrays:
         labels = arrays["labels"]

@@ -52,7 +52,7 @@ def train_locally(
             loss = F.cross_entropy(logits, labels[batch])
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(batch)
+            total_loss += loss.item() * len(batch)
             correct += int((logits.argmax(dim=1) == labels[batch]).sum())
     weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
     return LocalTrainingResult(
