@@ -38,6 +38,7 @@ from tqdm import tqdm
 from fedround.flows.dispatch import SiteUnavailable, current_dispatcher
 from fedround.site_workers.data import load_site_data
 from fedround.site_workers.site_round import RoundSpec, SiteRoundResult
+from fedround.tasks import run_context
 from fedround.tasks.aggregation import AggregationOutcome, aggregate_updates
 from fedround.tasks.checkpoints import (
     Checkpoint,
@@ -60,6 +61,7 @@ from fedround.tasks.core.strategies import build_strategy
 from fedround.tasks.core.validation import UpdateExpectation, check_manifest, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
 from fedround.tasks.retry import only_transient
+from fedround.tasks.run_lineage import TrainingLineage
 from fedround.tasks.runtime import CoordinatorSettings
 from fedround.tasks.tracking import RunTracker
 
@@ -274,6 +276,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     started = time.perf_counter()
     logger = get_run_logger()
     config = ctx.config
+    run_context.update(round=round_)
     store = open_store(ctx.settings.object_store)
     previous = load_checkpoint(store, config.federation, ctx.run_id, round_ - 1)
     deadline = time.time() + config.selection.deadline_s
@@ -292,6 +295,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
             seed=derive_seed(config.seed, "train", round_, site),
             model=config.model,
             training=config.training,
+            context=run_context.current_fields(),
         )
         for site in selected
     ]
@@ -398,9 +402,14 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
 
 
 def _start_checkpoint(
-    store: ObjectStore, config: FederationConfig, run_id: str, config_sha256: str
+    store: ObjectStore,
+    config: FederationConfig,
+    run_id: str,
+    config_sha256: str,
+    initial: Weights | None = None,
 ) -> Checkpoint:
-    """The latest committed checkpoint of this run, or a new round-0 checkpoint."""
+    """The latest committed checkpoint of this run, or a new round-0 checkpoint (from
+    ``initial`` weights when fine-tuning a registered model)."""
     found = latest_checkpoint(store, config.federation, run_id)
     if found is not None:
         if found.manifest.config_sha256 != config_sha256:
@@ -416,7 +425,9 @@ def _start_checkpoint(
         federation=config.federation,
         run_id=run_id,
         round_=0,
-        weights={name: t.detach().clone() for name, t in model.state_dict().items()},
+        weights=initial
+        if initial is not None
+        else {name: t.detach().clone() for name, t in model.state_dict().items()},
         strategy=config.strategy.name,
         strategy_state=build_strategy(config.strategy.name).state_dict(),
         config_sha256=config_sha256,
@@ -462,27 +473,38 @@ def _check_contracts(
     validate_parameters=False,
     task_runner=ThreadPoolTaskRunner(max_workers=64),  # type: ignore[arg-type]  # one thread per waiting site
 )
-def train_federation(config_path: str, run_id: str | None = None) -> RunResult:
+def train_federation(
+    config_path: str,
+    run_id: str | None = None,
+    init_from: str | None = None,
+    allow_dirty: bool = False,
+) -> RunResult:
     """Train one global model over the federation's sites; an existing ``run_id`` resumes
     from its last committed checkpoint.
 
     Site work goes to the dispatcher in ``current_dispatcher`` (the embedded CLI sets one);
     when none is set, as in a deployment run, each site's own work pool is used. Without a
     ``run_id`` the run is named after its flow run, so a Prefect retry resumes it.
+    ``init_from`` (``models:/<name>@<alias>``) starts from a registered model's weights; a
+    config with uncommitted changes is refused unless ``allow_dirty``.
     """
     run_id = run_id or default_run_id()
-    dispatcher = current_dispatcher.get(None)
-    if dispatcher is not None:
-        return _train(config_path, run_id)
-    config = load_federation_config(Path(config_path))
     settings = CoordinatorSettings.from_env()
-    from fedround.flows.distributed import DistributedDispatcher
+    lineage = TrainingLineage.prepare(
+        Path(config_path), run_id, settings.tracking_uri, init_from, allow_dirty
+    )
+    with lineage.context():
+        dispatcher = current_dispatcher.get(None)
+        if dispatcher is not None:
+            return _train(config_path, run_id, lineage)
+        from fedround.flows.distributed import DistributedDispatcher
 
-    token = current_dispatcher.set(DistributedDispatcher(config, open_store(settings.object_store)))
-    try:
-        return _train(config_path, run_id)
-    finally:
-        current_dispatcher.reset(token)
+        store = open_store(settings.object_store)
+        token = current_dispatcher.set(DistributedDispatcher(lineage.config, store))
+        try:
+            return _train(config_path, run_id, lineage)
+        finally:
+            current_dispatcher.reset(token)
 
 
 def default_run_id() -> str:
@@ -492,7 +514,7 @@ def default_run_id() -> str:
     return f"{day}-{str(flow_run_id)[:8]}" if flow_run_id else new_run_id()
 
 
-def _train(config_path: str, run_id: str) -> RunResult:
+def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult:
     started = time.perf_counter()
     logger = get_run_logger()
     dispatcher = current_dispatcher.get()
@@ -504,7 +526,7 @@ def _train(config_path: str, run_id: str) -> RunResult:
     suite = json.loads((path.parent / config.contract).read_text())
     store.put(keys.contract_key(config.federation, run_id), json.dumps(suite).encode())
 
-    start = _start_checkpoint(store, config, run_id, config_sha256)
+    start = _start_checkpoint(store, config, run_id, config_sha256, lineage.initial_weights())
     if start.round:
         logger.info("resuming run %s from checkpoint round %d", run_id, start.round)
     tracker = RunTracker.start(
@@ -517,6 +539,7 @@ def _train(config_path: str, run_id: str) -> RunResult:
             "fedround.config_sha256": config_sha256,
             "fedround.config_path": str(path),
             "fedround.prefect_flow_run_id": str(runtime.flow_run.id),
+            **lineage.run_tags(),
         },
         artifact_root=settings.state_dir / "mlartifacts"
         if settings.tracking_uri.startswith("sqlite:")
@@ -528,6 +551,7 @@ def _train(config_path: str, run_id: str) -> RunResult:
     try:
         dispatcher.open_run(run_id, [site.name for site in config.sites])
         passed, excluded = _check_contracts(config, run_id)
+        lineage.record_contracts(tracker, passed, excluded)
         if excluded:
             tracker.set_tags({"fedround.excluded_sites": json.dumps(excluded)[:5000]})
         ctx = RunContext(
@@ -543,10 +567,13 @@ def _train(config_path: str, run_id: str) -> RunResult:
         setup_seconds = time.perf_counter() - started
         summaries = _run_rounds(ctx, first=start.round + 1)
         final = load_checkpoint(store, config.federation, run_id, config.rounds)
+        lineage_tags, parent = lineage.version_tags(tracker)
         registered = tracker.registered_model() or tracker.register_candidate(
             config,
             final.weights,
+            parent=parent,
             version_tags={
+                **lineage_tags,
                 "fedround.run_id": run_id,
                 "fedround.config_sha256": config_sha256,
                 "fedround.weights_sha256": final.manifest.weights_sha256,
@@ -562,6 +589,9 @@ def _train(config_path: str, run_id: str) -> RunResult:
     dispatcher.close_run("finished")
     final_metrics = {k: v for k, v in final.manifest.metrics.items() if k in {"accuracy", "loss"}}
     tracker.log_metrics({f"final_{k}": v for k, v in final_metrics.items()}, step=config.rounds)
+    lineage.finish(
+        tracker, [s.model_dump(mode="json") for s in summaries], time.perf_counter() - started
+    )
     tracker.finish()
     timed = {s.round: s.metrics for s in summaries}  # rounds run by this process carry timings
     history = [

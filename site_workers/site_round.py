@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedround.tasks import run_context
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import ModelConfig, TrainingConfig
 from fedround.tasks.core.contract_report import ContractReport
@@ -50,6 +51,9 @@ class RoundSpec(BaseModel):
     seed: int
     model: ModelConfig
     training: TrainingConfig
+    # Federation context (tenant, config revision, ...): MLflow runs the site's code starts
+    # get it as tags through the fedround MLflow plugin.
+    context: dict[str, str] = Field(default_factory=dict)
 
 
 class SiteRoundResult(BaseModel):
@@ -132,6 +136,9 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
             f"this worker serves {settings.federation}/{settings.site}, "
             f"not {spec.federation}/{spec.site}"
         )
+    run_context.adopt(
+        {**spec.context, "run_id": spec.run_id, "round": spec.round, "site": spec.site}
+    )
     store = _store(settings)
     global_weights, nbytes_down = fetch_global(store, spec)
     model = build_model(spec.model, seed=0)

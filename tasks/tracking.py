@@ -13,10 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedround.tasks.core.config import FederationConfig
-from fedround.tasks.core.models import build_model
 from fedround.tasks.core.serialization import Weights
 
 log = logging.getLogger(__name__)
@@ -80,8 +77,11 @@ class RunTracker:
             client.update_run(tracker.mlflow_run_id, status="RUNNING")
             client.set_tag(tracker.mlflow_run_id, f"{TAG}resumed", "true")
             return tracker
+        from mlflow.tracking.context.registry import resolve_tags
+
+        # resolve_tags adds the run-context plugins' tags (fedround's federation context).
         run = client.create_run(
-            experiment_id, run_name=run_id, tags={f"{TAG}run_id": run_id, **tags}
+            experiment_id, run_name=run_id, tags=resolve_tags({f"{TAG}run_id": run_id, **tags})
         )
         tracker = cls(tracking_uri, run.info.run_id)
         params = flatten("", config.model_dump(mode="json", exclude={"sites", "description"}))
@@ -131,36 +131,11 @@ class RunTracker:
         config: FederationConfig,
         weights: Weights,
         version_tags: dict[str, str],
+        parent: str | None = None,
     ) -> RegisteredModel:
-        """Log the global model (torch.export, no pickle) and register it as ``candidate``."""
-        import mlflow
+        """Log the global model (torch.export, no pickle, plus its safetensors weights) and
+        register it as a new version with alias ``candidate``: see
+        :func:`fedround.tasks.registry.register_candidate`."""
+        from fedround.tasks.registry import register_candidate
 
-        model = build_model(config.model, seed=0)
-        model.load_state_dict(weights)
-        model.eval()
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        example = np.zeros((2, 784), dtype=np.float32)
-        with mlflow.start_run(run_id=self.mlflow_run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name="global-model",
-                input_example=example,
-                pip_requirements=["torch==2.13.0"],
-            )
-        if self.client.search_registered_models(f"name = '{config.model_name}'") == []:
-            self.client.create_registered_model(config.model_name)
-        version = self.client.create_model_version(
-            config.model_name,
-            source=info.model_uri,
-            run_id=self.mlflow_run_id,
-            tags=version_tags,
-            model_id=info.model_id,
-        )
-        self.client.set_registered_model_alias(config.model_name, CANDIDATE, version.version)
-        self.set_tags(
-            {f"{TAG}model_name": config.model_name, f"{TAG}model_version": str(version.version)}
-        )
-        uri = f"models:/{config.model_name}/{version.version}"
-        log.info("registered %s version %s as %r", config.model_name, version.version, CANDIDATE)
-        return RegisteredModel(config.model_name, str(version.version), uri, CANDIDATE)
+        return register_candidate(self, config, weights, version_tags, parent)

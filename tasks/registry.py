@@ -1,0 +1,390 @@
+"""The MLflow model registry of a federation: versions, aliases, lineage tags, integrity.
+
+Every finished training run registers its global model as a new version of the
+federation's registered model (``<federation>-global`` by default) with alias
+``candidate``. The logged model carries, beside the torch.export program MLflow serves,
+the exact global weights (``extra_files/weights.safetensors``) and the model config, so a
+version can be verified and evaluated without unpickling anything. Version tags:
+
+- lineage: ``fedround.run_id``, ``fedround.federation``, ``fedround.tenant``, config
+  revision, ``fedround.sites``, ``fedround.rounds``, ``fedround.accuracy``, ...;
+- integrity: ``fedround.weights_sha256`` (the checkpoint's digest) and
+  ``fedround.artifacts_sha256`` (all files of the logged model);
+- version: ``fedround.semver`` (see :mod:`fedround.tasks.core.semver`),
+  ``fedround.semver_change``, ``fedround.parent_version`` for a fine-tuned model;
+- lifecycle: ``fedround.status`` (candidate, canary, production, deprecated, rejected,
+  rolled_back) and, after a promotion attempt, the gates' figures.
+
+Aliases: ``candidate``, ``production``, ``deprecated`` (the previous production) and
+``production-<site>`` during a staged rollout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedround.tasks.core.config import FederationConfig, ModelConfig
+from fedround.tasks.core.errors import FedroundError
+from fedround.tasks.core.models import build_model
+from fedround.tasks.core.semver import SemVer, bump
+from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+    from fedround.tasks.tracking import RegisteredModel, RunTracker
+
+log = logging.getLogger(__name__)
+
+TAG = "fedround."
+CANDIDATE = "candidate"
+PRODUCTION = "production"
+DEPRECATED = "deprecated"
+HISTORY_TAG = f"{TAG}production_history"
+WEIGHTS_FILE = "weights.safetensors"
+MODEL_CONFIG_FILE = "model_config.json"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+class RegistryError(FedroundError):
+    """A registry entry is missing, ambiguous, or fails its integrity check."""
+
+
+def site_alias(site: str) -> str:
+    """The per-site (per-tenant) alias used during a staged rollout."""
+    return f"{PRODUCTION}-{site}"
+
+
+def quiet_downloads() -> None:
+    """No artifact-download progress bars on the terminal (the user can still turn them on)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _digest_tree(root: Path) -> str:
+    """One SHA-256 over every file under ``root`` (relative path and content)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifiedModel:
+    """A registered version whose artifacts passed their digest checks."""
+
+    name: str
+    version: str
+    weights_bytes: bytes
+    weights_sha256: str
+    model_config: ModelConfig
+    tags: dict[str, str]
+
+    @property
+    def semver(self) -> str | None:
+        return self.tags.get(f"{TAG}semver")
+
+
+class ModelRegistry:
+    """One registered model (a federation's global model) in MLflow's registry."""
+
+    def __init__(self, tracking_uri: str, name: str) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.name = name
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    # --- reading ----------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return bool(self.client.search_registered_models(f"name = '{self.name}'"))
+
+    def versions(self) -> list[ModelVersion]:
+        if not self.exists():
+            return []
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def aliases(self) -> dict[str, str]:
+        if not self.exists():
+            return {}
+        return {a: str(v) for a, v in self.client.get_registered_model(self.name).aliases.items()}
+
+    def model_tags(self) -> dict[str, str]:
+        if not self.exists():
+            return {}
+        return dict(self.client.get_registered_model(self.name).tags)
+
+    def get(self, version: str) -> ModelVersion:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException:
+            raise RegistryError(f"model {self.name} has no version {version}") from None
+
+    def by_alias(self, alias: str) -> ModelVersion | None:
+        version = self.aliases().get(alias)
+        return self.get(version) if version is not None else None
+
+    def resolve(self, ref: str) -> ModelVersion:
+        """``7``, ``@production``, ``models:/<name>/7`` or ``models:/<name>@production``."""
+        match = _MODEL_URI.match(ref)
+        if match:
+            if match.group("name") != self.name:
+                raise RegistryError(f"{ref} names model {match.group('name')}, not {self.name}")
+            version, alias = match.group("version"), match.group("alias")
+        elif ref.startswith("@"):
+            version, alias = None, ref[1:]
+        else:
+            version, alias = ref, None
+        if version is not None:
+            return self.get(version)
+        found = self.by_alias(str(alias))
+        if found is None:
+            raise RegistryError(f"model {self.name} has no version with alias {alias!r}")
+        return found
+
+    def semvers(self) -> dict[str, SemVer]:
+        found = {}
+        for v in self.versions():
+            text = v.tags.get(f"{TAG}semver")
+            if text:
+                try:
+                    found[str(v.version)] = SemVer.parse(text)
+                except ValueError:
+                    log.warning("%s v%s has a malformed semver tag %r", self.name, v.version, text)
+        return found
+
+    # --- integrity --------------------------------------------------------------------
+
+    def verify(self, version: str) -> VerifiedModel:
+        """Download a version's artifacts and check them against its digest tags."""
+        import mlflow.artifacts
+
+        quiet_downloads()
+        entry = self.get(version)
+        tags = dict(entry.tags)
+        label = f"{self.name} version {version}"
+        expected = tags.get(f"{TAG}weights_sha256")
+        if not expected:
+            raise RegistryError(
+                f"{label} has no {TAG}weights_sha256 tag: it was not registered by fedround "
+                "(or the tag was removed), so its integrity cannot be checked; refusing it"
+            )
+        with tempfile.TemporaryDirectory(prefix="fedround-verify-") as tmp:
+            try:
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=f"models:/{self.name}/{version}",
+                        dst_path=tmp,
+                        tracking_uri=self.tracking_uri,
+                        registry_uri=self.tracking_uri,
+                    )
+                )
+            except Exception as exc:
+                raise RegistryError(
+                    f"{label}: its artifacts cannot be downloaded ({type(exc).__name__}: "
+                    f"{str(exc)[:300]}); they may have been deleted. Refusing it."
+                ) from exc
+            weights_file = next(iter(local.rglob(WEIGHTS_FILE)), None)
+            config_file = next(iter(local.rglob(MODEL_CONFIG_FILE)), None)
+            if weights_file is None or config_file is None:
+                missing = WEIGHTS_FILE if weights_file is None else MODEL_CONFIG_FILE
+                raise RegistryError(
+                    f"{label}: artifact {missing} is missing from {entry.source}. Refusing it."
+                )
+            payload = weights_file.read_bytes()
+            actual = sha256_hex(payload)
+            if actual != expected:
+                raise RegistryError(
+                    f"{label} fails its digest check: {WEIGHTS_FILE} has sha256 "
+                    f"{actual[:12]}…, the version's {TAG}weights_sha256 tag says "
+                    f"{expected[:12]}…. The artifact was altered; refusing it."
+                )
+            recorded = tags.get(f"{TAG}artifacts_sha256")
+            if recorded and _digest_tree(local) != recorded:
+                raise RegistryError(
+                    f"{label} fails its digest check: the files of the logged model changed "
+                    f"since registration ({TAG}artifacts_sha256 {recorded[:12]}…). Refusing it."
+                )
+            model_config = ModelConfig.model_validate_json(config_file.read_text())
+        return VerifiedModel(self.name, str(version), payload, actual, model_config, tags)
+
+    # --- writing ----------------------------------------------------------------------
+
+    def set_tags(self, version: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, str(version), key, str(value)[:5000])
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, str(version))
+
+    def delete_alias(self, alias: str) -> None:
+        if alias in self.aliases():
+            self.client.delete_registered_model_alias(self.name, alias)
+
+    def production_history(self) -> list[str]:
+        text = self.model_tags().get(HISTORY_TAG)
+        return [str(v) for v in json.loads(text)] if text else []
+
+    def set_production_history(self, versions: list[str]) -> None:
+        self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(versions))
+
+
+# --- registration --------------------------------------------------------------------
+
+
+def _reference(
+    registry: ModelRegistry, parent: str | None
+) -> tuple[tuple[SemVer, dict[str, Any]] | None, str]:
+    """The version a new one is compared with: its parent, production, or the newest."""
+    candidates: list[tuple[str, str | None]] = [
+        ("parent", parent),
+        (PRODUCTION, registry.aliases().get(PRODUCTION)),
+    ]
+    semvers = registry.semvers()
+    if semvers:
+        newest = max(semvers, key=lambda v: semvers[v])
+        candidates.append(("newest", newest))
+    for why, version in candidates:
+        if version is None or version not in semvers:
+            continue
+        text = registry.get(version).tags.get(f"{TAG}model_config")
+        if text:
+            return (semvers[version], json.loads(text)), f"{why} v{version}"
+    return None, "none"
+
+
+def _assign_semver(
+    registry: ModelRegistry, version: str, model_config: dict[str, Any], parent: str | None
+) -> dict[str, str]:
+    """Pick the semantic version of a new ``version`` and tag it.
+
+    Optimistic and race-free without a lock: MLflow numbers versions atomically, so if two
+    registrations pick the same semantic version, the higher-numbered one sees the clash
+    and picks again, while the lower-numbered one keeps its pick.
+    """
+    for _ in range(20):
+        reference, why = _reference(registry, parent)
+        existing = [s for v, s in registry.semvers().items() if v != version]
+        chosen = bump(existing, model_config, reference, fine_tuned=parent is not None)
+        tags = {
+            f"{TAG}semver": str(chosen.version),
+            f"{TAG}semver_change": chosen.change.value,
+            f"{TAG}semver_reason": f"{chosen.reason} (compared with {why})",
+        }
+        registry.set_tags(version, tags)
+        clash = [
+            v
+            for v, s in registry.semvers().items()
+            if s == chosen.version and int(v) < int(version)
+        ]
+        if not clash:
+            return tags
+    raise RegistryError(f"could not assign a unique semantic version to {registry.name} v{version}")
+
+
+def register_candidate(
+    tracker: RunTracker,
+    config: FederationConfig,
+    weights: Weights,
+    version_tags: dict[str, str],
+    parent: str | None = None,
+) -> RegisteredModel:
+    """Log the global model and register it as a new version with alias ``candidate``.
+
+    ``parent`` is the version training started from (``--init-from``), if any.
+    """
+    import mlflow
+
+    from fedround.tasks.tracking import RegisteredModel
+
+    quiet_downloads()
+    registry = ModelRegistry(tracker.tracking_uri, config.model_name)
+    model = build_model(config.model, seed=0)
+    model.load_state_dict(weights)
+    model.eval()
+    payload = weights_to_bytes(weights)
+    model_config = config.model.model_dump(mode="json")
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    mlflow.set_registry_uri(tracker.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="fedround-register-") as tmp:
+        weights_file = Path(tmp) / WEIGHTS_FILE
+        weights_file.write_bytes(payload)
+        config_file = Path(tmp) / MODEL_CONFIG_FILE
+        config_file.write_text(json.dumps(model_config, sort_keys=True))
+        with mlflow.start_run(run_id=tracker.mlflow_run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="global-model",
+                input_example=np.zeros((2, 784), dtype=np.float32),
+                pip_requirements=["torch==2.13.0"],
+                extra_files=[str(weights_file), str(config_file)],
+            )
+    if not registry.exists():
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):  # created concurrently by another run
+            registry.client.create_registered_model(config.model_name)
+    if version_tags.get(f"{TAG}weights_sha256", sha256_hex(payload)) != sha256_hex(payload):
+        log.warning("the registered weights differ from the checkpoint the run reported")
+    tags = {
+        f"{TAG}federation": config.federation,
+        f"{TAG}tenant": config.tenant,
+        f"{TAG}model_config": json.dumps(model_config, sort_keys=True),
+        f"{TAG}status": CANDIDATE,
+        **version_tags,
+        f"{TAG}weights_sha256": sha256_hex(payload),
+    }
+    if parent is not None:
+        tags[f"{TAG}parent_version"] = parent
+    created = registry.client.create_model_version(
+        config.model_name,
+        source=info.model_uri,
+        run_id=tracker.mlflow_run_id,
+        tags=tags,
+        model_id=info.model_id,
+    )
+    version = str(created.version)
+    semver = _assign_semver(registry, version, model_config, parent)
+    with tempfile.TemporaryDirectory(prefix="fedround-digest-") as tmp:
+        import mlflow.artifacts
+
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{config.model_name}/{version}",
+            dst_path=tmp,
+            tracking_uri=tracker.tracking_uri,
+            registry_uri=tracker.tracking_uri,
+        )
+        registry.set_tags(version, {f"{TAG}artifacts_sha256": _digest_tree(Path(local))})
+    registry.set_alias(CANDIDATE, version)
+    tracker.set_tags(
+        {
+            f"{TAG}model_name": config.model_name,
+            f"{TAG}model_version": version,
+            f"{TAG}model_semver": semver[f"{TAG}semver"],
+        }
+    )
+    log.info(
+        "registered %s version %s (%s) as %r",
+        config.model_name,
+        version,
+        semver[f"{TAG}semver"],
+        CANDIDATE,
+    )
+    return RegisteredModel(
+        config.model_name, version, f"models:/{config.model_name}/{version}", CANDIDATE
+    )
