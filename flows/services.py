@@ -255,8 +255,9 @@ class ServiceStack:
     ) -> Endpoints:
         """Start what is not running yet (MLflow implies S3); return when all are healthy.
 
-        S3, MLflow and Postgres→Prefect start in parallel. On failure, whatever this call
-        started is stopped again and :class:`ServiceError` quotes the failing log.
+        Two chains run in parallel: S3 → MLflow (MLflow is given the S3 port) and
+        Postgres → Prefect. On failure, whatever this call started is stopped again and
+        :class:`ServiceError` quotes the failing service's log.
         """
         wanted = set(services)
         unknown = wanted - set(ALL_SERVICES)
