@@ -64,7 +64,7 @@ class DistributedDispatcher:
     config: FederationConfig
     store: ObjectStore
     poll_s: float = 0.05
-    liveness_s: float = 5.0
+    liveness_s: float | None = None  # default: the config's selection.liveness_s
     join_timeout_s: float = 180.0
     worker_stale_s: float = 20.0
     run_id: str = ""
@@ -100,7 +100,11 @@ class DistributedDispatcher:
         from prefect.deployments import run_deployment
 
         session = self.sessions.setdefault(site, _Session())
-        session.attempt += 1
+        # Continue after any session this run already had (a resumed coordinator, a
+        # restarted site): the newer attempt supersedes older ones, which then stop.
+        prefix = keys.site_run_prefix(self.config.federation, self.run_id, site) + "sessions/"
+        earlier = [int(k.rsplit("/", 1)[-1].split(".")[0]) for k in self.store.list(prefix)]
+        session.attempt = max([session.attempt, *earlier]) + 1
         pool = self.config.work_pool(site)
         flow_run: Any = run_deployment(
             deployment_name(SESSION_DEPLOYMENT, pool),
@@ -148,7 +152,8 @@ class DistributedDispatcher:
             return now - session.started_at < self.join_timeout_s
         if beat != session.last_beat:
             session.last_beat, session.last_change = beat, now
-        return now - session.last_change < self.liveness_s
+        liveness = self.liveness_s or self.config.selection.liveness_s
+        return now - session.last_change < liveness
 
     def _get(self, key: str) -> bytes | None:
         try:

@@ -13,6 +13,7 @@ from fedround.tasks.core.errors import FedroundError
 
 site_app = typer.Typer(help="Commands a site operator runs at the site.", no_args_is_help=True)
 coordinator_app = typer.Typer(help="Commands for the coordinator's machine.", no_args_is_help=True)
+demo_app = typer.Typer(help="Simulated sites for pilots and demos.", no_args_is_help=True)
 
 
 def _fail(message: str) -> None:
@@ -88,7 +89,48 @@ def coordinator_start(
     os.execvpe(argv[0], argv, env)
 
 
+@demo_app.command("provision")
+def demo_provision(
+    config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
+) -> None:
+    """Give each simulated site its data shard and a site config.
+
+    With services started by `fedround up` under the same state dir, every site gets its
+    own S3 credentials (it may read the federation's global models and write only its own
+    updates) and the Prefect API URL, ready for `fedround site start`.
+    """
+    from fedround.tasks.core.config import load_federation_config
+    from fedround.tasks.demo_sites import provision_demo_sites
+    from fedround.tasks.object_store import ObjectStoreSettings
+    from fedround.tasks.runtime import CoordinatorSettings, state_dir_from_env
+
+    try:
+        loaded = load_federation_config(config)
+        settings = CoordinatorSettings.from_env()
+        state = state_dir_from_env()
+        site_store = None
+        api_url = os.environ.get("PREFECT_API_URL")
+        if (state / "services" / "endpoints.json").exists():
+            from fedround.flows import services
+
+            credentials = services.add_site_identities(
+                state, loaded.federation, [s.name for s in loaded.sites]
+            )
+            api_url = services.load_endpoints(state).prefect_api_url
+
+            def site_store(site: str) -> ObjectStoreSettings:
+                return ObjectStoreSettings.model_validate(credentials[site].object_store_settings())
+
+        paths = provision_demo_sites(loaded, settings, site_store, api_url)
+    except FedroundError as exc:
+        _fail(str(exc))
+    typer.echo(f"{len(paths)} sites of {loaded.federation}; start each one's worker with:")
+    for path in paths.values():
+        typer.echo(f"  fedround site start --config {path}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("deploy")(deploy_command)
     app.add_typer(site_app, name="site")
     app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(demo_app, name="demo")

@@ -49,5 +49,12 @@ def load_site_settings(path: Path) -> SiteSettings:
 
 
 def write_site_settings(path: Path, settings: SiteSettings) -> None:
+    """Write a site config, readable by its owner only (it may hold the site's S3 secret)."""
+    data = settings.model_dump(mode="json", exclude_none=True)
+    secret = settings.object_store.secret_key
+    if secret is not None:
+        data["object_store"]["secret_key"] = secret.get_secret_value()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(yaml.safe_dump(data))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from fedround.site_workers.data import TEST_FILE, TRAIN_FILE, save_site_data
 from fedround.site_workers.settings import SiteSettings, write_site_settings
 from fedround.tasks.core.config import FederationConfig
 from fedround.tasks.core.partition import dirichlet_partition, iid_partition, matching_partition
+from fedround.tasks.object_store import ObjectStoreSettings
 from fedround.tasks.runtime import CoordinatorSettings
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,16 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 def provision_demo_sites(
-    config: FederationConfig, settings: CoordinatorSettings
+    config: FederationConfig,
+    settings: CoordinatorSettings,
+    site_store: Callable[[str], ObjectStoreSettings] | None = None,
+    prefect_api_url: str | None = None,
 ) -> dict[str, Path]:
-    """Write each site's shard and config (once per data spec); returns site → config path."""
+    """Write each site's shard and config (once per data spec); returns site → config path.
+
+    ``site_store`` gives each site its own object-store settings (per-site credentials on
+    a real S3 server); by default sites share the coordinator's (the embedded default).
+    """
     root = settings.federation_dir(config.federation)
     paths = {s.name: settings.site_config_file(config.federation, s.name) for s in config.sites}
     marker = root / MARKER
@@ -63,7 +72,13 @@ def provision_demo_sites(
         and all(p.exists() for p in paths.values())
         and settings.holdout_file(config.federation).exists()
     )
-    if provisioned:
+    if provisioned and site_store is None:
+        return paths
+    if provisioned:  # the data is there: only the site configs change
+        for site in config.sites:
+            _write_site_config(
+                config, settings, site.name, paths[site.name], site_store, prefect_api_url
+            )
         return paths
     data = config.data
     features, labels = load_mnist()
@@ -87,16 +102,31 @@ def provision_demo_sites(
         site_dir = paths[site.name].parent
         save_site_data(site_dir / TRAIN_FILE, features[train[shard]], labels[train[shard]])
         save_site_data(site_dir / TEST_FILE, features[test[test_shard]], labels[test[test_shard]])
-        write_site_settings(
-            paths[site.name],
-            SiteSettings(
-                site=site.name,
-                federation=config.federation,
-                data_dir=site_dir,
-                object_store=settings.object_store,
-            ),
+        _write_site_config(
+            config, settings, site.name, paths[site.name], site_store, prefect_api_url
         )
         sizes[site.name] = len(shard)
     marker.write_text(json.dumps({"fingerprint": fingerprint, "site_sizes": sizes}, indent=2))
     log.info("provisioned %d demo sites under %s: %s", len(sizes), root, sizes)
     return paths
+
+
+def _write_site_config(
+    config: FederationConfig,
+    settings: CoordinatorSettings,
+    site: str,
+    path: Path,
+    site_store: Callable[[str], ObjectStoreSettings] | None,
+    prefect_api_url: str | None,
+) -> None:
+    write_site_settings(
+        path,
+        SiteSettings(
+            site=site,
+            federation=config.federation,
+            data_dir=path.parent,
+            object_store=site_store(site) if site_store else settings.object_store,
+            work_pool=config.work_pool(site),
+            prefect_api_url=prefect_api_url,
+        ),
+    )

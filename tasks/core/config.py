@@ -77,6 +77,9 @@ class SelectionConfig(_Strict):
     fraction: float = Field(1.0, gt=0, le=1, description="share of eligible sites per round")
     min_sites: int = Field(1, ge=1, description="quorum: fewest valid updates to close a round")
     deadline_s: float = Field(600.0, gt=0, description="how long a round waits for sites")
+    liveness_s: float = Field(
+        10.0, gt=0, description="a site whose session stops beating this long is left out at once"
+    )
 
 
 class LimitsConfig(_Strict):

@@ -96,3 +96,25 @@ def test_corrupted_checkpoint_is_refused_with_a_clear_error(store: LocalObjectSt
 def test_missing_checkpoint_names_the_round(store: LocalObjectStore) -> None:
     with pytest.raises(CheckpointError, match="no committed checkpoint for round 4"):
         load_checkpoint(store, "fed", "run", 4)
+
+
+def test_site_config_round_trips_its_secret_and_is_private(tmp_path: Path) -> None:
+    from fedround.site_workers.settings import SiteSettings, load_site_settings, write_site_settings
+    from fedround.tasks.object_store import ObjectStoreSettings
+
+    path = tmp_path / "site" / "site.yaml"
+    write_site_settings(
+        path,
+        SiteSettings(
+            site="site-a",
+            federation="fed",
+            data_dir=tmp_path,
+            object_store=ObjectStoreSettings(
+                kind="s3", endpoint="127.0.0.1:1", bucket="b", access_key="a", secret_key="s3cr3t"
+            ),
+        ),
+    )
+    assert path.stat().st_mode & 0o777 == 0o600
+    loaded = load_site_settings(path)
+    assert loaded.object_store.secret_key is not None
+    assert loaded.object_store.secret_key.get_secret_value() == "s3cr3t"

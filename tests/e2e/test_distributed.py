@@ -1,0 +1,389 @@
+"""The distributed runtime end to end, on real servers and real worker processes.
+
+A Prefect server on Postgres, the S3 server with one identity per site, an MLflow server
+(all from ``tests/services.py``), one ``fedround site start`` worker process per site
+pool, and the coordinator as ``fedround run --distributed`` (or as a deployment run picked
+up by ``fedround coordinator start``). Scenarios (trigger → fault → expected state):
+
+- a 3-round federation completes and its final weights are byte-identical to the
+  embedded mode's for the same config and seeds;
+- a site worker killed mid-round: the round completes with the others, the site rejoins
+  a later round once its worker restarts;
+- a site slower than the deadline (its processes paused with SIGSTOP, a real stall): left
+  out of that round, its late update rejected when it finally arrives;
+- the coordinator SIGKILLed mid-run and re-run: resumes to identical final weights;
+- quorum lost: the run fails in bounded time, naming the missing site;
+- a deployment run triggered on the Prefect server trains through the coordinator pool;
+- a site whose pool has no worker is skipped at once, not after the deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from fedround.flows.services import Endpoints
+from fedround.site_workers.data import read_arrays, save_site_data
+from fedround.tasks.core import keys
+from fedround.tasks.core.config import load_federation_config
+from fedround.tasks.object_store import ObjectStoreSettings, S3ObjectStore
+
+from .helpers import FEDROUND, Completed, cli_env
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = Path(__file__).with_name("distributed.yaml")
+FEDERATION = "e2e-dist"
+SITES = ["site-a", "site-b", "site-c"]
+
+
+def variant(tmp: Path, name: str, **changes: Any) -> Path:
+    """The base config with some settings changed, written outside the repository (so it
+    is recorded as an untracked config rather than refused as a dirty one)."""
+    raw = yaml.safe_load(BASE.read_text())
+    raw["contract"] = str((BASE.parent / raw["contract"]).resolve())
+    for dotted, value in changes.items():
+        section, _, leaf = dotted.rpartition(".")
+        (raw[section] if section else raw)[leaf] = value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@dataclass
+class Federation:
+    services: Endpoints
+    state_dir: Path
+    site_configs: dict[str, Path]
+    workers: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+    configs: list[Path] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**cli_env(self.state_dir), **self.services.env()}
+
+    @property
+    def store(self) -> S3ObjectStore:
+        s = self.services
+        return S3ObjectStore(
+            s.s3_endpoint, s.s3_bucket, s.admin_access_key, s.admin_secret_key, region=s.s3_region
+        )
+
+    def start_worker(self, site: str) -> None:
+        env = {**cli_env(self.state_dir), **self.services.site_env(FEDERATION, site)}
+        self.workers[site] = subprocess.Popen(
+            [FEDROUND, "site", "start", "--config", str(self.site_configs[site])],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(self.state_dir / f"worker-{site}.log").open("a"),
+            text=True,
+            start_new_session=True,
+        )
+
+    def kill_worker(self, site: str) -> None:
+        """SIGKILL the site's worker and every flow-run process it started."""
+        process = self.workers.pop(site)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def wait_for_live_workers(self, sites: list[str], timeout: float = 120) -> None:
+        from prefect.client.orchestration import get_client
+
+        os.environ["PREFECT_API_URL"] = self.services.prefect_api_url
+        config = load_federation_config(BASE)
+        deadline = time.monotonic() + timeout
+        with get_client(sync_client=True) as client:
+            for site in sites:
+                while not client.read_workers_for_work_pool(config.work_pool(site)):
+                    assert time.monotonic() < deadline, f"worker of {site} never registered"
+                    time.sleep(0.5)
+
+    def run(self, config: Path, *args: str, timeout: float = 600) -> Completed:
+        done = subprocess.run(
+            [FEDROUND, "run", str(config), "--distributed", "--json", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return Completed(done.returncode, done.stdout, done.stderr)
+
+    def start_run(self, config: Path, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [FEDROUND, "run", str(config), "--distributed", "--json", *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def wait_for_key(
+        self, key: str, process: subprocess.Popen[str] | None, timeout: float = 300
+    ) -> None:
+        store = self.store
+        deadline = time.monotonic() + timeout
+        while not store.exists(key):
+            if process is not None:
+                assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"{key} never appeared"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def federation(
+    local_services: Endpoints, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Federation]:
+    from fedround.tasks.demo_sites import provision_demo_sites
+    from fedround.tasks.runtime import CoordinatorSettings
+
+    state = tmp_path_factory.mktemp("distributed")
+    config = load_federation_config(BASE)
+    settings = CoordinatorSettings(
+        state_dir=state,
+        object_store=ObjectStoreSettings(kind="local", root=state / "unused"),
+        tracking_uri=local_services.mlflow_tracking_uri,
+        site_processes=1,
+    )
+
+    def site_store(site: str) -> ObjectStoreSettings:
+        creds = local_services.site_credentials(FEDERATION, site)
+        return ObjectStoreSettings.model_validate(creds.object_store_settings())
+
+    paths = provision_demo_sites(config, settings, site_store, local_services.prefect_api_url)
+    fed = Federation(local_services, state, paths)
+    deployed = subprocess.run(
+        [FEDROUND, "deploy", str(BASE), "--project-dir", str(REPO)],
+        env=fed.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    for site in SITES:
+        fed.start_worker(site)
+    try:
+        fed.wait_for_live_workers(SITES)
+        yield fed
+    finally:
+        for site in list(fed.workers):
+            fed.kill_worker(site)
+
+
+@pytest.fixture(scope="module")
+def baseline(federation: Federation) -> dict[str, Any]:
+    done = federation.run(BASE, "--run-id", "baseline")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.result
+
+
+def test_distributed_run_matches_the_embedded_run(
+    baseline: dict[str, Any], federation: Federation, tmp_path: Path
+) -> None:
+    assert baseline["sites"]["participating"] == SITES
+    assert baseline["sites"]["excluded"] == {}
+    assert baseline["final_metrics"]["accuracy"] > 0.5
+    overheads = [h["orchestration_overhead_seconds"] for h in baseline["history"]]
+    assert len(overheads) == 3 and all(o > 0 for o in overheads)
+
+    embedded = subprocess.run(
+        [FEDROUND, "run", str(BASE), "--json"],
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
+    embedded_result = json.loads(embedded.stdout.strip().splitlines()[-1])
+    assert (
+        embedded_result["checkpoint"]["weights_sha256"] == baseline["checkpoint"]["weights_sha256"]
+    )
+
+
+def test_each_site_served_its_rounds_in_its_own_pool(
+    baseline: dict[str, Any], federation: Federation
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    os.environ["PREFECT_API_URL"] = federation.services.prefect_api_url
+    with get_client(sync_client=True) as client:
+        for site in SITES:
+            pool = f"{FEDERATION}-{site}"
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[pool])),
+                limit=50,
+            )
+            mine = [r for r in runs if r.parameters.get("run_id") == "baseline"]
+            assert mine, f"no session flow run of {site} for the baseline run"
+            assert {r.work_pool_name for r in mine} == {pool}
+            assert all(r.state_type.value == "COMPLETED" for r in mine)
+            tasks = client.read_task_runs(limit=200)
+            names = {t.name for t in tasks if t.flow_run_id == mine[0].id}
+            assert {"round 1 · train", "round 2 · train", "round 3 · train"} <= names
+
+
+def test_killed_site_worker_is_left_out_then_rejoins(federation: Federation) -> None:
+    config = variant(federation.state_dir, "kill-site", rounds=5)
+    process = federation.start_run(config, "--run-id", "kill-site")
+    federation.wait_for_key(keys.round_plan_key(FEDERATION, "kill-site", 2), process)
+    federation.kill_worker("site-b")  # the worker and its session, mid round 2
+    federation.start_worker("site-b")
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-4000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    left_out = result["sites"]["left_out_in_rounds"]
+    assert "site-b" in left_out.get("2", {}), left_out
+    last = federation.store.get(
+        keys.checkpoint_prefix(FEDERATION, "kill-site", 5) + "manifest.json"
+    )
+    assert json.loads(last)["sites"] == SITES  # site-b is back by the last round
+
+
+def test_site_slower_than_the_deadline_is_left_out_and_its_late_update_rejected(
+    federation: Federation,
+) -> None:
+    # A real cause of slowness: site-c holds 30 times more data than the others, so its
+    # local epoch takes seconds while theirs take a fraction of one.
+    shard = federation.site_configs["site-c"].parent / "train.npz"
+    original = shard.read_bytes()
+    arrays = read_arrays(shard)
+    save_site_data(shard, np.tile(arrays["features"], (30, 1)), np.tile(arrays["labels"], 30))
+    config = variant(
+        federation.state_dir,
+        "slow-site",
+        rounds=5,
+        **{"selection.deadline_s": 3, "selection.liveness_s": 60},
+    )
+    try:
+        done = federation.run(config, "--run-id", "slow-site")
+    finally:
+        shard.write_bytes(original)
+    assert done.returncode == 0, done.stderr[-4000:]
+    left_out = done.result["sites"]["left_out_in_rounds"]
+    assert "missed the 3s deadline for round 2" in left_out["2"]["site-c"]
+    late = [
+        why
+        for round_ in ("3", "4", "5")
+        for site, why in left_out.get(round_, {}).items()
+        if site == "site-c" and "late update for round 2" in why
+    ]
+    assert late and "arrived after its round closed" in late[0], left_out
+
+
+def test_killed_coordinator_resumes_to_identical_weights(
+    baseline: dict[str, Any], federation: Federation
+) -> None:
+    process = federation.start_run(BASE, "--run-id", "coordinator-crash")
+    federation.wait_for_key(
+        keys.checkpoint_prefix(FEDERATION, "coordinator-crash", 1) + "manifest.json", process
+    )
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    store = federation.store
+    assert not store.exists(
+        keys.checkpoint_prefix(FEDERATION, "coordinator-crash", 3) + "manifest.json"
+    )
+    resumed = federation.run(BASE, "--run-id", "coordinator-crash")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.result["resumed_from_round"] >= 1
+    assert (
+        resumed.result["checkpoint"]["weights_sha256"] == baseline["checkpoint"]["weights_sha256"]
+    )
+
+
+def test_deployment_run_trains_through_the_coordinator_pool(
+    baseline: dict[str, Any], federation: Federation
+) -> None:
+    coordinator = subprocess.Popen(
+        [FEDROUND, "coordinator", "start", str(BASE)],
+        env=federation.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        triggered = subprocess.run(
+            [
+                str(Path(FEDROUND).with_name("prefect")),
+                "deployment",
+                "run",
+                f"fedround-training/{FEDERATION}",
+                "--param",
+                f"config_path={BASE.relative_to(REPO)}",
+                "--param",
+                "run_id=from-deployment",
+                "--watch",
+                "--watch-timeout",
+                "600",
+            ],
+            env=federation.env,
+            capture_output=True,
+            text=True,
+            timeout=660,
+            check=False,
+        )
+        assert triggered.returncode == 0, triggered.stdout[-3000:] + triggered.stderr[-3000:]
+    finally:
+        os.killpg(coordinator.pid, signal.SIGKILL)
+        coordinator.wait(timeout=30)
+    final = federation.store.get(
+        keys.checkpoint_prefix(FEDERATION, "from-deployment", 3) + "manifest.json"
+    )
+    assert json.loads(final)["weights_sha256"] == baseline["checkpoint"]["weights_sha256"]
+
+
+def test_site_without_a_worker_is_skipped_at_once(federation: Federation) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from fedround.flows.dispatch import SiteUnavailable
+    from fedround.flows.distributed import DistributedDispatcher
+    from fedround.tasks.core.config import FederationConfig
+
+    os.environ["PREFECT_API_URL"] = federation.services.prefect_api_url
+    raw = yaml.safe_load(BASE.read_text())
+    raw["sites"].append({"name": "site-z"})  # a site whose pool exists but has no worker
+    config = FederationConfig.model_validate(raw)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=config.work_pool("site-z"), type="process"))
+    dispatcher = DistributedDispatcher(config, federation.store)
+    assert dispatcher.pool_problem("site-a") is None
+    assert "has no worker online" in (dispatcher.pool_problem("site-z") or "")
+    dispatcher.open_run("skip-down-site", ["site-z"])
+    started = time.monotonic()
+    with pytest.raises(SiteUnavailable, match="no worker online"):
+        dispatcher.check_contract("site-z", FEDERATION, "skip-down-site", timeout=120)
+    assert time.monotonic() - started < 5
+    dispatcher.close_run("failed")
+
+
+def test_quorum_lost_fails_in_bounded_time_naming_the_site(federation: Federation) -> None:
+    config = variant(federation.state_dir, "quorum", rounds=4, **{"selection.min_sites": 3})
+    process = federation.start_run(config, "--run-id", "quorum-lost")
+    federation.wait_for_key(keys.round_plan_key(FEDERATION, "quorum-lost", 2), process)
+    killed_at = time.monotonic()
+    federation.kill_worker("site-a")
+    try:
+        _, stderr = process.communicate(timeout=300)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        federation.start_worker("site-a")
+    assert process.returncode == 1
+    assert "quorum is 3" in stderr and "site-a" in stderr
+    assert elapsed < 60  # liveness (6 s) + the round's close, not the 120 s deadline
