@@ -183,7 +183,11 @@ def _run_embedded(
 
 # Other command groups live beside what they operate; each module exposes
 # ``register(app: typer.Typer) -> None`` and is listed here.
-COMMAND_MODULES: list[str] = ["fedround.flows.distributed_cli", "fedround.flows.services_cli"]
+COMMAND_MODULES: list[str] = [
+    "fedround.flows.distributed_cli",
+    "fedround.flows.services_cli",
+    "fedround.flows.lifecycle_cli",
+]
 
 
 def _register_commands() -> None:

@@ -170,9 +170,20 @@ class ModelRegistry:
 
     # --- integrity --------------------------------------------------------------------
 
+    def download(self, version: str, destination: Path) -> Path:
+        """A version's model files, downloaded into ``destination``."""
+        import mlflow.artifacts
+
+        quiet_downloads()
+        location = self.client.get_model_version_download_uri(self.name, str(version))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=str(destination), tracking_uri=self.tracking_uri
+            )
+        )
+
     def verify(self, version: str) -> VerifiedModel:
         """Download a version's artifacts and check them against its digest tags."""
-        import mlflow.artifacts
 
         quiet_downloads()
         entry = self.get(version)
@@ -186,14 +197,7 @@ class ModelRegistry:
             )
         with tempfile.TemporaryDirectory(prefix="fedround-verify-") as tmp:
             try:
-                local = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=f"models:/{self.name}/{version}",
-                        dst_path=tmp,
-                        tracking_uri=self.tracking_uri,
-                        registry_uri=self.tracking_uri,
-                    )
-                )
+                local = self.download(version, Path(tmp))
             except Exception as exc:
                 raise RegistryError(
                     f"{label}: its artifacts cannot be downloaded ({type(exc).__name__}: "
@@ -361,15 +365,8 @@ def register_candidate(
     version = str(created.version)
     semver = _assign_semver(registry, version, model_config, parent)
     with tempfile.TemporaryDirectory(prefix="fedround-digest-") as tmp:
-        import mlflow.artifacts
-
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{config.model_name}/{version}",
-            dst_path=tmp,
-            tracking_uri=tracker.tracking_uri,
-            registry_uri=tracker.tracking_uri,
-        )
-        registry.set_tags(version, {f"{TAG}artifacts_sha256": _digest_tree(Path(local))})
+        local = registry.download(version, Path(tmp))
+        registry.set_tags(version, {f"{TAG}artifacts_sha256": _digest_tree(local)})
     registry.set_alias(CANDIDATE, version)
     tracker.set_tags(
         {

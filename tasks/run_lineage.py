@@ -34,7 +34,7 @@ from fedround.tasks.core.costs import SITE_FIGURES, summarize
 from fedround.tasks.core.errors import ConfigError
 from fedround.tasks.core.serialization import Weights, weights_from_bytes
 from fedround.tasks.plots import PLOTS, training_plots
-from fedround.tasks.registry import ModelRegistry, RegistryError, VerifiedModel
+from fedround.tasks.registry import ModelRegistry, RegistryError, VerifiedModel, quiet_downloads
 
 if TYPE_CHECKING:
     from fedround.tasks.tracking import RunTracker
@@ -45,6 +45,21 @@ TAG = "fedround."
 CONTRACTS_ARTIFACT = "lineage/contracts.json"
 ROUNDS_ARTIFACT = "lineage/rounds.json"
 COST_ARTIFACT = "cost/cost.json"
+
+
+def load_run_json(mlflow_run_id: str, path: str, tracking_uri: str) -> Any:
+    """A JSON artifact of an MLflow run, or ``None`` if it is absent or unreadable."""
+    import mlflow.artifacts
+
+    quiet_downloads()
+    with tempfile.TemporaryDirectory(prefix="fedround-artifact-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=mlflow_run_id, artifact_path=path, dst_path=tmp, tracking_uri=tracking_uri
+            )
+            return json.loads(Path(local).read_text())
+        except Exception:
+            return None
 
 
 def parse_model_uri(uri: str) -> str:
@@ -168,16 +183,10 @@ class TrainingLineage:
             log.warning("could not record the run's lineage report", exc_info=True)
 
     def _log_rounds(self, tracker: RunTracker, rounds: list[dict[str, Any]]) -> None:
-        merged: dict[str, Any] = {}
-        try:
-            import mlflow.artifacts
-
-            text = mlflow.artifacts.load_text(
-                f"runs:/{tracker.mlflow_run_id}/{ROUNDS_ARTIFACT}"
-            )  # an earlier attempt of a resumed run
-            merged.update(json.loads(text))
-        except Exception:
-            pass
+        # an earlier attempt of a resumed run left its rounds behind
+        merged: dict[str, Any] = (
+            load_run_json(tracker.mlflow_run_id, ROUNDS_ARTIFACT, tracker.tracking_uri) or {}
+        )
         merged.update({str(r["round"]): r for r in rounds})
         ordered = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
         tracker.log_text(json.dumps(ordered, indent=2), ROUNDS_ARTIFACT)

@@ -1,0 +1,373 @@
+"""``fedround promote``, ``rollback``, ``lineage``, ``audit`` and ``checkpoints``: the model
+lifecycle on the command line (registered into the ``fedround`` app by ``flows/cli.py``).
+
+Exit codes: 0 done (promoted, canary started, rolled back, ...), 3 the candidate was
+rejected by a gate, 1 an error (the message says what to do), 2 a config error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedround.flows import environment
+from fedround.tasks.core.errors import ConfigError, FedroundError
+from fedround.tasks.runtime import DEFAULT_STATE_DIR
+
+REJECTED = 3
+
+StateDir = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir",
+        envvar="FEDROUND_STATE_DIR",
+        help="Where Prefect, MLflow, the object store and run results live.",
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+Wait = Annotated[
+    float,
+    typer.Option("--wait", help="Wait up to this many seconds for another promotion's lock."),
+]
+ConfigArg = Annotated[Path, typer.Argument(help="Federation config (YAML).")]
+
+checkpoints_app = typer.Typer(
+    name="checkpoints",
+    help="Checkpoint retention, backup and restore, bucket versioning.",
+    no_args_is_help=True,
+)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except FedroundError as exc:
+        _fail(str(exc), 2 if isinstance(exc, ConfigError) else 1)
+
+
+def _settings(state_dir: Path) -> Any:
+    environment.configure(state_dir.resolve())
+    from fedround.tasks.runtime import CoordinatorSettings
+
+    return CoordinatorSettings.from_env()
+
+
+@contextmanager
+def _embedded_sites(config_path: Path, processes: int | None, distributed: bool) -> Iterator[None]:
+    """Embedded: the demo sites on this machine evaluate; distributed: the sites' pools."""
+    if distributed:
+        if not os.environ.get("PREFECT_API_URL"):
+            raise ConfigError("--distributed needs a Prefect server: set PREFECT_API_URL")
+        yield
+        return
+    from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
+    from fedround.tasks.core.config import load_federation_config
+    from fedround.tasks.demo_sites import provision_demo_sites
+    from fedround.tasks.runtime import CoordinatorSettings
+
+    booting = environment.start_prefect_early()
+    config = load_federation_config(config_path)
+    settings = CoordinatorSettings.from_env()
+    site_configs = provision_demo_sites(config, settings)
+    dispatcher = EmbeddedDispatcher(site_configs, processes or settings.site_processes)
+    token = current_dispatcher.set(dispatcher)
+    try:
+        if booting is not None:
+            booting.join()
+        yield
+    finally:
+        current_dispatcher.reset(token)
+        dispatcher.close()
+
+
+def promote(
+    config: ConfigArg,
+    version: Annotated[
+        str | None, typer.Option(help="Version to promote (default: alias 'candidate').")
+    ] = None,
+    allow_dirty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-dirty",
+            envvar="FEDROUND_ALLOW_DIRTY",
+            help="Use the config's gates even if it has uncommitted changes (recorded).",
+        ),
+    ] = False,
+    wait: Wait = 0.0,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed", help="Evaluate in the sites' own work pools (PREFECT_API_URL)."
+        ),
+    ] = False,
+    processes: Annotated[
+        int | None, typer.Option(help="Local site worker processes (embedded mode).")
+    ] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    as_json: AsJson = False,
+) -> None:
+    """Evaluate the candidate and production models at every site and promote the
+    candidate if it passes the federation's gates (or start its canary rollout)."""
+    _settings(state_dir)
+    with _errors():
+        from fedround.tasks.run_lineage import precheck
+
+        precheck(config.resolve(), allow_dirty)
+        with _embedded_sites(config.resolve(), processes, distributed):
+            from fedround.flows.promotion import promote_model
+
+            environment.quiet_known_errors()
+            result = promote_model(
+                config_path=str(config.resolve()),
+                version=version,
+                allow_dirty=allow_dirty,
+                lock_wait_s=wait,
+            )
+    color = {"promoted": typer.colors.GREEN, "canary": typer.colors.YELLOW}
+    typer.secho(
+        f"fedround: {result.message}", fg=color.get(result.outcome, typer.colors.RED), err=True
+    )
+    if result.decision and "gates" in result.decision:
+        for gate in result.decision["gates"]:
+            typer.echo(
+                f"  {'pass' if gate['passed'] else 'FAIL'}  {gate['gate']}: {gate['detail']}"
+            )
+    typer.echo(f"  audit entry #{result.audit_sequence}")
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json")))
+    if result.outcome == "rejected":
+        raise typer.Exit(REJECTED)
+
+
+def rollback(
+    config: ConfigArg,
+    reason: Annotated[str, typer.Option(help="Why (goes into the audit log).")] = "",
+    wait: Wait = 0.0,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    as_json: AsJson = False,
+) -> None:
+    """Restore the previous production model (or stop a canary rollout in progress)."""
+    _settings(state_dir)
+    with _errors():
+        from fedround.flows.rollback import rollback_model
+
+        environment.quiet_known_errors()
+        result = rollback_model(config_path=str(config.resolve()), reason=reason, lock_wait_s=wait)
+    typer.secho(f"fedround: {result.message}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"  audit entry #{result.audit_sequence}")
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json")))
+
+
+def lineage(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. mnist-demo-global.")],
+    version: Annotated[str, typer.Argument(help="Version number, or @alias (e.g. @production).")],
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Re-check every checkpoint's digests.")
+    ] = False,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    as_json: AsJson = False,
+) -> None:
+    """Print a registered model version's lineage: config revision, sites, data contracts,
+    rounds, metrics, privacy budget, checkpoints, promotion history and cost."""
+    settings = _settings(state_dir)
+    with _errors():
+        from fedround.tasks.lineage import build_lineage, render_text
+        from fedround.tasks.object_store import open_store
+
+        found = build_lineage(
+            settings.tracking_uri, open_store(settings.object_store), model, version, verify
+        )
+    typer.echo(json.dumps(found.model_dump(mode="json")) if as_json else render_text(found))
+
+
+def audit(
+    federation: Annotated[str, typer.Argument(help="Federation name.")],
+    model: Annotated[str | None, typer.Option(help="Only entries of this model.")] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Check the log's sequence and hash chain.")
+    ] = False,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Print a federation's audit log as JSON lines (who, when, what, why)."""
+    settings = _settings(state_dir)
+    with _errors():
+        from fedround.tasks.audit import AuditLog
+        from fedround.tasks.object_store import open_store
+
+        log = AuditLog(open_store(settings.object_store), federation)
+        typer.echo(log.to_jsonl(model), nl=False)
+        if verify:
+            problems = log.verify()
+            for problem in problems:
+                typer.secho(f"audit log problem: {problem}", fg=typer.colors.RED, err=True)
+            if problems:
+                raise typer.Exit(1)
+            typer.secho("audit log intact", err=True)
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+
+def _store_at(settings: Any, location: str) -> Any:
+    """``s3://bucket`` (same S3 server and keys as the coordinator) or a local folder."""
+    from fedround.tasks.object_store import ObjectStoreSettings, open_store
+
+    if location.startswith("s3://"):
+        bucket = location[len("s3://") :].strip("/")
+        if not bucket or "/" in bucket:
+            raise ConfigError(f"{location}: name a bucket, like s3://fedround-backup")
+        if settings.object_store.kind != "s3":
+            raise ConfigError(
+                f"{location}: the coordinator's object store is local; back up to a folder"
+            )
+        return open_store(settings.object_store.model_copy(update={"bucket": bucket}))
+    return open_store(ObjectStoreSettings(kind="local", root=Path(location).resolve()))
+
+
+@checkpoints_app.command("prune")
+def prune(
+    older_than: Annotated[
+        str, typer.Option(help="Delete checkpoints older than this (90d, 12h, 2w, 0s).")
+    ] = "90d",
+    federation: Annotated[str | None, typer.Option(help="Only this federation.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+    purge_versions: Annotated[
+        bool,
+        typer.Option(
+            "--purge-versions", help="Also delete old versions kept by bucket versioning."
+        ),
+    ] = False,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    as_json: AsJson = False,
+) -> None:
+    """Delete old checkpoints, keeping every one behind a registered model version."""
+    settings = _settings(state_dir)
+    with _errors():
+        from fedround.tasks.object_store import open_store
+        from fedround.tasks.retention import (
+            describe,
+            parse_age,
+            prune_checkpoints,
+            registered_digests,
+        )
+
+        report = prune_checkpoints(
+            open_store(settings.object_store),
+            registered_digests(settings.tracking_uri),
+            parse_age(older_than),
+            federation,
+            dry_run=dry_run,
+            purge_versions=purge_versions,
+        )
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(
+        f"fedround: {verb} {len(report.deleted)} checkpoints ({report.bytes_freed} bytes); kept "
+        f"{len(report.kept_registered)} behind registered versions, {report.kept_recent} newer "
+        f"than {older_than}"
+        + (f"; purged {report.versions_purged} old versions" if purge_versions else "")
+    )
+    for name in describe(report.deleted):
+        typer.echo(f"  {verb}  {name}")
+    for prefix, versions in sorted(report.kept_registered.items()):
+        typer.echo(f"  kept     {prefix} (registered: {', '.join(versions)})")
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "deleted": describe(report.deleted),
+                    "kept_registered": report.kept_registered,
+                    "kept_recent": report.kept_recent,
+                    "bytes_freed": report.bytes_freed,
+                    "dry_run": dry_run,
+                }
+            )
+        )
+
+
+def _copy(settings: Any, source: Any, destination: Any, federation: str, run_id: str) -> None:
+    from fedround.tasks.retention import copy_run_checkpoints, ensure_bucket
+
+    ensure_bucket(destination)
+    report = copy_run_checkpoints(source, destination, federation, run_id)
+    typer.echo(
+        f"fedround: copied {len(report.rounds)} checkpoints ({report.files} files, "
+        f"{report.bytes} bytes) of run {run_id}\n  from {report.source}\n  to   "
+        f"{report.destination}\n  every digest verified before and after the copy"
+    )
+    for round_, digest in report.rounds.items():
+        typer.echo(f"  round {round_:>4}  sha256 {digest}")
+
+
+@checkpoints_app.command("backup")
+def backup(
+    run_id: Annotated[str, typer.Argument(help="Training run id.")],
+    federation: Annotated[str, typer.Option(help="The run's federation.")],
+    to: Annotated[str, typer.Option("--to", help="s3://bucket or a local folder.")],
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Copy a run's checkpoints to another bucket (or folder), verifying every digest."""
+    settings = _settings(state_dir)
+    with _errors():
+        from fedround.tasks.object_store import open_store
+
+        _copy(
+            settings, open_store(settings.object_store), _store_at(settings, to), federation, run_id
+        )
+
+
+@checkpoints_app.command("restore")
+def restore(
+    run_id: Annotated[str, typer.Argument(help="Training run id.")],
+    federation: Annotated[str, typer.Option(help="The run's federation.")],
+    source: Annotated[str, typer.Option("--from", help="s3://bucket or a local folder.")],
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Copy a run's checkpoints back from a backup, verifying every digest."""
+    settings = _settings(state_dir)
+    with _errors():
+        from fedround.tasks.object_store import open_store
+
+        _copy(
+            settings,
+            _store_at(settings, source),
+            open_store(settings.object_store),
+            federation,
+            run_id,
+        )
+
+
+@checkpoints_app.command("versioning")
+def versioning(
+    enable: Annotated[bool, typer.Option("--enable", help="Turn bucket versioning on.")] = False,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Show (or turn on) versioning of the coordinator's checkpoint bucket."""
+    settings = _settings(state_dir)
+    with _errors():
+        from fedround.tasks.object_store import open_store
+        from fedround.tasks.retention import enable_versioning, versioning_status
+
+        store = open_store(settings.object_store)
+        status = enable_versioning(store) if enable else versioning_status(store)
+    typer.echo(f"bucket versioning: {status}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(promote)
+    app.command()(rollback)
+    app.command()(lineage)
+    app.command()(audit)
+    app.add_typer(checkpoints_app)

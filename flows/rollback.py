@@ -1,0 +1,79 @@
+"""The rollback flow: restore the previous production model in one command.
+
+``rollback_model`` (``fedround rollback <federation.yaml>``, or from the Prefect UI) takes
+the same lock as promotions. If a staged rollout is in progress it is stopped (the canary
+sites' aliases are removed, they serve ``production`` again); otherwise ``production``
+moves back to the previous production version, after checking that version's artifacts
+against their digests. The rolled-back version is tagged ``rolled_back`` and the action
+is appended to the audit log with who, when and why.
+
+A dirty config does not block a rollback (it only names the model and the object store):
+an emergency must not wait for a commit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel
+
+from fedround.flows.promotion import promotion_lock
+from fedround.tasks.audit import AuditLog
+from fedround.tasks.config_versioning import config_revision
+from fedround.tasks.core.config import load_federation_config
+from fedround.tasks.lifecycle import Lifecycle
+from fedround.tasks.object_store import open_store
+from fedround.tasks.registry import PRODUCTION, ModelRegistry
+from fedround.tasks.runtime import CoordinatorSettings
+
+
+class RollbackResult(BaseModel):
+    federation: str
+    model: str
+    stage: str
+    rolled_back: str | None
+    production: str | None
+    audit_sequence: int
+    message: str
+
+
+@flow(name="fedround-rollback", validate_parameters=False)
+def rollback_model(config_path: str, reason: str = "", lock_wait_s: float = 0.0) -> RollbackResult:
+    """Stop a canary in progress, else put the previous production version back."""
+    path = Path(config_path)
+    config = load_federation_config(path)
+    revision = config_revision(path, path.parent / config.contract, allow_dirty=True)
+    settings = CoordinatorSettings.from_env()
+    store = open_store(settings.object_store)
+    registry = ModelRegistry(settings.tracking_uri, config.model_name)
+    lock = promotion_lock(store, config, f"roll back {config.model_name}").acquire(lock_wait_s)
+    try:
+        entry = Lifecycle(registry, AuditLog(store, config.federation), lock, revision.revision)
+        audited = entry.roll_back(reason)
+    finally:
+        lock.release()
+    stage = str(audited.details.get("stage"))
+    production = registry.aliases().get(PRODUCTION)
+    if stage == "canary":
+        message = (
+            f"stopped the canary of {config.model_name} v{audited.version}: every site serves "
+            f"{'v' + production if production else 'no model'} again"
+        )
+        rolled_back = audited.version
+    else:
+        rolled_back = str(audited.details.get("from"))
+        message = (
+            f"{config.model_name} production rolled back from v{rolled_back} to "
+            f"v{audited.version} ({audited.semver})"
+        )
+    get_run_logger().info("%s (audit #%d)", message, audited.sequence)
+    return RollbackResult(
+        federation=config.federation,
+        model=config.model_name,
+        stage=stage,
+        rolled_back=rolled_back,
+        production=production,
+        audit_sequence=audited.sequence,
+        message=message,
+    )

@@ -1,0 +1,236 @@
+"""Checkpoint retention, backup and restore, and bucket versioning.
+
+- :func:`prune_checkpoints` deletes committed checkpoints older than a given age (default
+  90 days, by the manifest's ``created_at``), except those behind a registered model
+  version: a checkpoint whose weights digest is some version's ``fedround.weights_sha256``
+  stays as long as that version exists. Data files go first and the manifest last, so an
+  interrupted prune leaves a checkpoint that the next prune finishes removing.
+- :func:`copy_run_checkpoints` copies every committed checkpoint of a run to another store
+  (a backup bucket, or back for a restore), checking each file's SHA-256 against its
+  manifest before writing and again after reading the copy back.
+- :func:`enable_versioning` turns S3 bucket versioning on, so an overwritten or deleted
+  checkpoint stays recoverable (expire old versions with a bucket lifecycle rule, or
+  prune with ``purge_versions``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from fedround.tasks.checkpoints import MANIFEST, STRATEGY, WEIGHTS
+from fedround.tasks.core import keys
+from fedround.tasks.core.errors import CheckpointError, ConfigError, ObjectNotFound
+from fedround.tasks.core.manifest import CheckpointManifest
+from fedround.tasks.core.serialization import sha256_hex
+from fedround.tasks.object_store import ObjectStore, S3ObjectStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETENTION = timedelta(days=90)
+_AGE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_CHECKPOINT = re.compile(r"^(?P<federation>[^/]+)/checkpoints/(?P<run>[^/]+)/round-(?P<round>\d+)/")
+
+
+def parse_age(text: str) -> timedelta:
+    """``90d``, ``12h``, ``2w``, ``30m``, ``0s``."""
+    match = _AGE.match(text.strip())
+    if match is None:
+        raise ConfigError(f"age {text!r}: use a number and a unit, e.g. 90d, 12h, 2w, 30m")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    federation: str
+    run_id: str
+    round: int
+
+    @property
+    def prefix(self) -> str:
+        return keys.checkpoint_prefix(self.federation, self.run_id, self.round)
+
+
+def find_checkpoints(store: ObjectStore, federation: str | None = None) -> list[CheckpointRef]:
+    """Committed checkpoints (those with a manifest) of one federation, or of all."""
+    found = set()
+    for key in store.list(f"{federation}/checkpoints/" if federation else ""):
+        match = _CHECKPOINT.match(key)
+        if match and key.endswith("/" + MANIFEST):
+            found.add(
+                CheckpointRef(
+                    match.group("federation"), match.group("run"), int(match.group("round"))
+                )
+            )
+    return sorted(found, key=lambda c: (c.federation, c.run_id, c.round))
+
+
+def registered_digests(tracking_uri: str) -> dict[str, list[str]]:
+    """Weights digest → the registered versions (``name/version``) standing behind it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    digests: dict[str, list[str]] = {}
+    token = None
+    while True:
+        page = client.search_model_versions(max_results=1000, page_token=token)
+        for version in page:
+            digest = version.tags.get("fedround.weights_sha256")
+            if digest:
+                digests.setdefault(digest, []).append(f"{version.name}/{version.version}")
+        token = page.token
+        if not token:
+            return digests
+
+
+@dataclass
+class PruneReport:
+    deleted: list[CheckpointRef] = field(default_factory=list)
+    kept_registered: dict[str, list[str]] = field(default_factory=dict)  # prefix → versions
+    kept_recent: int = 0
+    bytes_freed: int = 0
+    versions_purged: int = 0
+    dry_run: bool = False
+
+
+def _purge_versions(store: S3ObjectStore, key: str) -> int:
+    """Delete every stored version of ``key`` (versioned buckets keep them after a delete)."""
+    removed = 0
+    for obj in store.client.list_objects(store.bucket, prefix=key, include_version=True):
+        if obj.object_name == key:
+            store.client.remove_object(store.bucket, key, version_id=obj.version_id)
+            removed += 1
+    return removed
+
+
+def prune_checkpoints(
+    store: ObjectStore,
+    keep_digests: dict[str, list[str]],
+    older_than: timedelta = DEFAULT_RETENTION,
+    federation: str | None = None,
+    now: datetime | None = None,
+    dry_run: bool = False,
+    purge_versions: bool = False,
+) -> PruneReport:
+    """Delete checkpoints older than ``older_than`` unless a registered version needs them."""
+    now = now or datetime.now(UTC)
+    report = PruneReport(dry_run=dry_run)
+    for ref in find_checkpoints(store, federation):
+        try:
+            manifest = CheckpointManifest.from_json(store.get(ref.prefix + MANIFEST))
+        except (ObjectNotFound, ValueError) as exc:
+            log.warning("skipping %s: unreadable manifest (%s)", store.uri(ref.prefix), exc)
+            continue
+        if manifest.weights_sha256 in keep_digests:
+            report.kept_registered[ref.prefix] = keep_digests[manifest.weights_sha256]
+            continue
+        if now - manifest.created_at < older_than:
+            report.kept_recent += 1
+            continue
+        report.deleted.append(ref)
+        for name in (WEIGHTS, STRATEGY, MANIFEST):  # the manifest last: see the module doc
+            key = ref.prefix + name
+            try:
+                report.bytes_freed += store.size(key)
+            except ObjectNotFound:
+                continue
+            if dry_run:
+                continue
+            store.delete(key)
+            if purge_versions and isinstance(store, S3ObjectStore):
+                report.versions_purged += _purge_versions(store, key)
+    return report
+
+
+@dataclass
+class CopyReport:
+    federation: str
+    run_id: str
+    source: str
+    destination: str
+    rounds: dict[int, str] = field(default_factory=dict)  # round → weights sha256 (verified)
+    files: int = 0
+    bytes: int = 0
+
+
+def _verified_files(store: ObjectStore, prefix: str) -> dict[str, bytes]:
+    """A checkpoint's three files, each checked against the manifest."""
+    manifest_bytes = store.get(prefix + MANIFEST)
+    manifest = CheckpointManifest.from_json(manifest_bytes)
+    files = {MANIFEST: manifest_bytes}
+    for name, expected in (
+        (WEIGHTS, manifest.weights_sha256),
+        (STRATEGY, manifest.strategy_state_sha256),
+    ):
+        try:
+            data = store.get(prefix + name)
+        except ObjectNotFound:
+            raise CheckpointError(f"{store.uri(prefix + name)} is missing") from None
+        actual = sha256_hex(data)
+        if actual != expected:
+            raise CheckpointError(
+                f"{store.uri(prefix + name)} has sha256 {actual[:12]}…, its manifest says "
+                f"{expected[:12]}…: refusing to copy a corrupted checkpoint"
+            )
+        files[name] = data
+    return files
+
+
+def copy_run_checkpoints(
+    source: ObjectStore, destination: ObjectStore, federation: str, run_id: str
+) -> CopyReport:
+    """Copy a run's committed checkpoints, verifying every digest on both sides."""
+    rounds = keys.checkpoint_rounds(source.list(keys.checkpoints_prefix(federation, run_id)))
+    if not rounds:
+        raise CheckpointError(
+            f"no committed checkpoints of run {run_id} under "
+            f"{source.uri(keys.checkpoints_prefix(federation, run_id))}"
+        )
+    report = CopyReport(
+        federation,
+        run_id,
+        source.uri(keys.checkpoints_prefix(federation, run_id)),
+        destination.uri(keys.checkpoints_prefix(federation, run_id)),
+    )
+    for round_ in rounds:
+        prefix = keys.checkpoint_prefix(federation, run_id, round_)
+        files = _verified_files(source, prefix)
+        for name in (WEIGHTS, STRATEGY, MANIFEST):  # manifest last: committed when complete
+            destination.put(prefix + name, files[name])
+        copied = _verified_files(destination, prefix)
+        if copied != files:
+            raise CheckpointError(f"the copy of {destination.uri(prefix)} differs from its source")
+        report.rounds[round_] = CheckpointManifest.from_json(files[MANIFEST]).weights_sha256
+        report.files += len(files)
+        report.bytes += sum(len(data) for data in files.values())
+    return report
+
+
+def enable_versioning(store: ObjectStore) -> str:
+    """Turn bucket versioning on (S3 only); returns the bucket's versioning status."""
+    if not isinstance(store, S3ObjectStore):
+        return "not applicable (local directory store)"
+    from minio.versioningconfig import ENABLED, VersioningConfig
+
+    store.client.set_bucket_versioning(store.bucket, VersioningConfig(ENABLED))
+    return str(store.client.get_bucket_versioning(store.bucket).status)
+
+
+def versioning_status(store: ObjectStore) -> str:
+    if not isinstance(store, S3ObjectStore):
+        return "not applicable (local directory store)"
+    return str(store.client.get_bucket_versioning(store.bucket).status)
+
+
+def ensure_bucket(store: ObjectStore) -> None:
+    """Create an S3 bucket if it does not exist (needs an admin credential)."""
+    if isinstance(store, S3ObjectStore) and not store.client.bucket_exists(store.bucket):
+        store.client.make_bucket(store.bucket)
+
+
+def describe(refs: Iterable[CheckpointRef]) -> list[str]:
+    return [f"{r.federation}/{r.run_id}/round-{r.round:04d}" for r in refs]
