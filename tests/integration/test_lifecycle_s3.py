@@ -1,0 +1,277 @@
+"""Checkpoints, locks and the audit log on the real S3 server (``weed mini``), with the
+registry on the real MLflow server: conditional writes are atomic across processes,
+tampering is detected, retention keeps what a registered version needs, and backups
+restore with every digest verified."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedround.flows.cli import app
+from fedround.tasks.audit import AuditLog
+from fedround.tasks.checkpoints import MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint
+from fedround.tasks.core import keys
+from fedround.tasks.core.config import ModelConfig, parse_federation_config
+from fedround.tasks.core.errors import CheckpointError
+from fedround.tasks.core.manifest import CheckpointManifest
+from fedround.tasks.core.models import build_model
+from fedround.tasks.locks import Lock
+from fedround.tasks.object_store import S3ObjectStore
+from fedround.tasks.retention import (
+    copy_run_checkpoints,
+    ensure_bucket,
+    find_checkpoints,
+    prune_checkpoints,
+    registered_digests,
+    versioning_status,
+)
+from fedround.tasks.tracking import RunTracker
+from tests.services import Endpoints
+
+
+def admin_store(services: Endpoints, bucket: str | None = None) -> S3ObjectStore:
+    return S3ObjectStore(
+        services.s3_endpoint,
+        bucket or services.s3_bucket,
+        services.admin_access_key,
+        services.admin_secret_key,
+        region=services.s3_region,
+    )
+
+
+def weights(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4, 3), value), "b": torch.arange(3, dtype=torch.float32)}
+
+
+def checkpoint(
+    store: S3ObjectStore,
+    federation: str,
+    run_id: str,
+    round_: int,
+    value: float,
+    age: timedelta = timedelta(0),
+) -> CheckpointManifest:
+    manifest = save_checkpoint(
+        store,
+        federation=federation,
+        run_id=run_id,
+        round_=round_,
+        weights=weights(value),
+        strategy="fedavg",
+        strategy_state={"round": round_},
+        config_sha256="c" * 64,
+    )
+    if age:  # an old checkpoint: rewrite its manifest's creation time
+        manifest = manifest.model_copy(update={"created_at": datetime.now(UTC) - age})
+        store.put(keys.checkpoint_prefix(federation, run_id, round_) + MANIFEST, manifest.to_json())
+    return manifest
+
+
+def _race(args: tuple[str, str, str, str, str, str]) -> bool:
+    endpoint, bucket, access, secret, region, key = args
+    store = S3ObjectStore(endpoint, bucket, access, secret, region=region)
+    barrier.wait()  # type: ignore[name-defined]  # set by the pool initializer
+    return Lock(store, key, ttl_s=60, holder="racer").try_acquire()
+
+
+def _init(shared: multiprocessing.synchronize.Barrier) -> None:  # type: ignore[name-defined]
+    global barrier
+    barrier = shared  # type: ignore[name-defined]
+
+
+def test_lock_is_atomic_across_processes_on_s3(s3_service: Endpoints) -> None:
+    """Six processes race for each lock at once: exactly one wins every time."""
+    context = multiprocessing.get_context("fork")
+    prefix = f"lock-race-{uuid.uuid4().hex[:8]}"
+    for trial in range(5):
+        shared = context.Barrier(6)
+        args = (
+            s3_service.s3_endpoint,
+            s3_service.s3_bucket,
+            s3_service.admin_access_key,
+            s3_service.admin_secret_key,
+            s3_service.s3_region,
+            keys.lock_key(prefix, f"promotion-{trial}"),
+        )
+        with context.Pool(6, initializer=_init, initargs=(shared,)) as pool:
+            wins = pool.map(_race, [args] * 6)
+        assert sum(wins) == 1, wins
+
+
+def test_audit_log_appends_concurrently_and_chains_on_s3(s3_service: Endpoints) -> None:
+    audit = AuditLog(admin_store(s3_service), f"audit-{uuid.uuid4().hex[:8]}")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        entries = list(pool.map(lambda i: audit.append("reject", "m", version=str(i)), range(12)))
+    assert sorted(e.sequence for e in entries) == list(range(1, 13))
+    assert audit.verify() == []
+
+
+def test_checkpoint_tampering_is_detected_and_versions_keep_the_original(
+    s3_service: Endpoints,
+) -> None:
+    store = admin_store(s3_service)
+    assert versioning_status(store) == "Enabled"
+    federation, run_id = f"tamper-{uuid.uuid4().hex[:8]}", "run-1"
+    checkpoint(store, federation, run_id, 1, 0.5)
+    key = keys.checkpoint_prefix(federation, run_id, 1) + WEIGHTS
+    original = store.get(key)
+    store.put(key, original[:-4] + b"\x00\x00\x80\x7f")  # last float becomes +inf
+    with pytest.raises(CheckpointError, match=r"checkpoint round 1 of run run-1 is corrupted"):
+        load_checkpoint(store, federation, run_id, 1)
+    versions = [
+        o
+        for o in store.client.list_objects(store.bucket, prefix=key, include_version=True)
+        if o.object_name == key
+    ]
+    assert len(versions) == 2  # bucket versioning kept the good bytes
+    old = next(o for o in versions if str(o.is_latest).lower() != "true")
+    response = store.client.get_object(store.bucket, key, version_id=old.version_id)
+    assert response.read() == original
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_service: Endpoints) -> tuple[str, str, str]:
+    """A model version registered on the real MLflow server from run 'kept''s weights."""
+    federation = f"retention-{uuid.uuid4().hex[:8]}"
+    config = parse_federation_config(
+        f"federation: {federation}\ncontract: c.json\nsites: [{{name: a}}]\n"
+    )
+    tracker = RunTracker.start(mlflow_service.mlflow_tracking_uri, config, "kept", tags={})
+    model_weights = build_model(config.model, seed=1).state_dict()
+    registered = tracker.register_candidate(config, model_weights, {"fedround.run_id": "kept"})
+    tracker.finish()
+    return federation, registered.version, config.model_name
+
+
+def test_retention_keeps_checkpoints_of_registered_versions(
+    mlflow_service: Endpoints, registered: tuple[str, str, str]
+) -> None:
+    federation, version, model_name = registered
+    store = admin_store(mlflow_service)
+    old = timedelta(days=120)
+    final = build_model(ModelConfig(), seed=1).state_dict()  # what the registered run produced
+    for round_ in (1, 2):
+        checkpoint(store, federation, "kept", round_, float(round_), age=old)
+    manifest = save_checkpoint(
+        store,
+        federation=federation,
+        run_id="kept",
+        round_=3,
+        weights=final,
+        strategy="fedavg",
+        strategy_state={},
+        config_sha256="c" * 64,
+    )
+    store.put(
+        keys.checkpoint_prefix(federation, "kept", 3) + MANIFEST,
+        manifest.model_copy(update={"created_at": datetime.now(UTC) - old}).to_json(),
+    )
+    checkpoint(store, federation, "unregistered", 1, 9.0, age=old)
+    checkpoint(store, federation, "recent", 1, 7.0)
+
+    digests = registered_digests(mlflow_service.mlflow_tracking_uri)
+    assert digests[manifest.weights_sha256] == [f"{model_name}/{version}"]
+    dry = prune_checkpoints(store, digests, timedelta(days=90), federation, dry_run=True)
+    assert len(dry.deleted) == 3 and store.exists(
+        keys.checkpoint_prefix(federation, "kept", 1) + MANIFEST
+    )
+
+    report = prune_checkpoints(store, digests, timedelta(days=90), federation)
+    left = {(r.run_id, r.round) for r in find_checkpoints(store, federation)}
+    assert left == {("kept", 3), ("recent", 1)}
+    assert sorted((r.run_id, r.round) for r in report.deleted) == [
+        ("kept", 1),
+        ("kept", 2),
+        ("unregistered", 1),
+    ]
+    assert list(report.kept_registered.values()) == [[f"{model_name}/{version}"]]
+    assert report.kept_recent == 1
+    load_checkpoint(store, federation, "kept", 3)  # the registered weights still verify
+
+
+def test_backup_and_restore_verify_every_digest(
+    mlflow_service: Endpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = admin_store(mlflow_service)
+    federation, run_id = f"backup-{uuid.uuid4().hex[:8]}", "run-9"
+    digests = {
+        r: checkpoint(store, federation, run_id, r, float(r)).weights_sha256 for r in (0, 1, 2)
+    }
+    for name, value in mlflow_service.env().items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    state = ["--state-dir", str(tmp_path)]
+    bucket = f"fedround-backup-{uuid.uuid4().hex[:6]}"
+
+    done = runner.invoke(
+        app,
+        [
+            "checkpoints",
+            "backup",
+            run_id,
+            "--federation",
+            federation,
+            "--to",
+            f"s3://{bucket}",
+            *state,
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "copied 3 checkpoints" in done.output and "every digest verified" in done.output
+    backup = admin_store(mlflow_service, bucket)
+    for round_, digest in digests.items():
+        assert load_checkpoint(backup, federation, run_id, round_).manifest.weights_sha256 == digest
+
+    key = keys.checkpoint_prefix(federation, run_id, 2) + WEIGHTS
+    store.put(key, store.get(key)[:-4] + b"\x00\x00\x00\x00")  # damage the original
+    with pytest.raises(CheckpointError):
+        load_checkpoint(store, federation, run_id, 2)
+    refused = runner.invoke(
+        app,
+        [
+            "checkpoints",
+            "backup",
+            run_id,
+            "--federation",
+            federation,
+            "--to",
+            str(tmp_path / "b"),
+            *state,
+        ],
+    )
+    assert refused.exit_code == 1
+    assert "refusing to copy a corrupted checkpoint" in refused.output
+
+    restored = runner.invoke(
+        app,
+        [
+            "checkpoints",
+            "restore",
+            run_id,
+            "--federation",
+            federation,
+            "--from",
+            f"s3://{bucket}",
+            *state,
+        ],
+    )
+    assert restored.exit_code == 0, restored.output
+    assert load_checkpoint(store, federation, run_id, 2).manifest.weights_sha256 == digests[2]
+
+    ensure_bucket(backup)  # idempotent
+    report = copy_run_checkpoints(backup, admin_store(mlflow_service), federation, run_id)
+    assert report.rounds == digests
+    assert (
+        json.loads(store.get(keys.checkpoint_prefix(federation, run_id, 0) + MANIFEST))["round"]
+        == 0
+    )
