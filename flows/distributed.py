@@ -65,7 +65,7 @@ class DistributedDispatcher:
     store: ObjectStore
     poll_s: float = 0.05
     liveness_s: float | None = None  # default: the config's selection.liveness_s
-    join_timeout_s: float = 180.0
+    join_timeout_s: float | None = None  # default: the config's selection.join_timeout_s
     worker_stale_s: float = 20.0
     run_id: str = ""
     sessions: dict[str, _Session] = field(default_factory=dict)
@@ -149,7 +149,8 @@ class DistributedDispatcher:
         beat = self._beat(site)
         now = time.monotonic()
         if beat is None:
-            return now - session.started_at < self.join_timeout_s
+            join = self.join_timeout_s or self.config.selection.join_timeout_s
+            return now - session.started_at < join
         if beat != session.last_beat:
             session.last_beat, session.last_change = beat, now
         liveness = self.liveness_s or self.config.selection.liveness_s
@@ -194,13 +195,7 @@ class DistributedDispatcher:
         if site in self.down:
             raise SiteUnavailable(f"site {site}: {self.down[site]}")
         key = keys.contract_report_key(federation, run_id, site)
-        payload = self._poll(
-            site,
-            "its data contract",
-            min(timeout, self.join_timeout_s),
-            lambda: self._get(key),
-            watch=True,
-        )
+        payload = self._poll(site, "its data contract", timeout, lambda: self._get(key), True)
         return ContractReport.model_validate_json(payload)
 
     def announce_round(

@@ -22,6 +22,8 @@ TELEMETRY_OFF = {
 QUIET = {
     # MLflow draws a progress bar for every artifact download; the CLI has its own.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # ...and prints run links to stdout, where `--json` promises only the result.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 

@@ -238,10 +238,11 @@ def admin_keys(credentials: dict[str, Any]) -> S3Keys:
 
 
 def site_actions(bucket: str, federation: str, site: str) -> list[str]:
-    """Read + list the federation's global prefix; write the site's own update prefix only."""
+    """Read + list the federation's global prefix; read, list and write the site's own
+    prefix (a site session checks its own heartbeats); nothing else."""
     read = f"{bucket}/{site_read_prefix(federation)}*"
-    write = f"{bucket}/{site_write_prefix(federation, site)}*"
-    return [f"Read:{read}", f"List:{read}", f"Write:{write}"]
+    own = f"{bucket}/{site_write_prefix(federation, site)}*"
+    return [f"Read:{read}", f"List:{read}", f"Read:{own}", f"List:{own}", f"Write:{own}"]
 
 
 def identities_document(credentials: dict[str, Any], bucket: str) -> dict[str, Any]:

@@ -87,6 +87,8 @@ class RoundSummary(BaseModel):
     accepted: dict[str, int]
     rejected: dict[str, str] = Field(default_factory=dict)
     failed: dict[str, str] = Field(default_factory=dict)
+    # Updates that arrived for rounds already closed, found (and rejected) in this one.
+    late: dict[str, str] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     seconds: float
     checkpoint_sha256: str
@@ -243,7 +245,8 @@ def _named(task_: Any, round_: int, what: str) -> Any:
 def reject_late_updates(
     store: ObjectStore, expected: UpdateExpectation, pending: set[tuple[int, str]]
 ) -> dict[str, str]:
-    """Updates that arrived for rounds already closed: found, rejected, reported.
+    """Updates that arrived for rounds already closed: found, rejected, reported as
+    ``{"<site> (round <r>)": reason}``.
 
     ``pending`` holds (round, site) pairs whose update did not arrive in time; any update
     that shows up for them later is validated against the round now open, which rejects
@@ -261,9 +264,9 @@ def reject_late_updates(
         try:
             check_manifest(UpdateManifest.from_json(store.get(key)), replace(expected, site=site))
         except UpdateRejected as exc:
-            rejected[site] = f"late update for round {round_} rejected: {exc}"
+            rejected[f"{site} (round {round_})"] = f"late update rejected: {exc}"
         except ValueError as exc:
-            rejected[site] = f"late update for round {round_} rejected: malformed manifest ({exc})"
+            rejected[f"{site} (round {round_})"] = f"late update rejected: malformed ({exc})"
     return rejected
 
 
@@ -335,8 +338,8 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     if expectations:
         late = reject_late_updates(store, next(iter(expectations.values())), pending_late)
     pending_late.update((round_, site) for site in failed)
-    for site, reason in late.items():
-        logger.warning("site %s: %s", site, reason)
+    for which, reason in late.items():
+        logger.warning("site %s: %s", which, reason)
     if len(outcome.accepted) < config.selection.min_sites or outcome.weights is None:
         missing = {**failed, **outcome.rejected}
         raise QuorumNotReached(
@@ -390,7 +393,8 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         round=round_,
         selected=selected,
         accepted=outcome.accepted,
-        rejected={**outcome.rejected, **late},
+        rejected=outcome.rejected,
+        late=late,
         failed=failed,
         metrics=metrics,
         seconds=seconds,
@@ -442,7 +446,7 @@ def _check_contracts(
     logger = get_run_logger()
     futures = {
         site.name: check_contract.with_options(task_run_name=f"{site.name} · data contract").submit(
-            site.name, config.federation, run_id, config.selection.deadline_s
+            site.name, config.federation, run_id, config.selection.join_timeout_s
         )
         for site in config.sites
     }
@@ -621,6 +625,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
                 for s in summaries
                 if s.failed or s.rejected
             },
+            "late_updates_rejected": {str(s.round): s.late for s in summaries if s.late},
         },
         model=registered.__dict__,
         checkpoint={

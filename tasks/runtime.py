@@ -52,6 +52,7 @@ class CoordinatorSettings(BaseModel):
                 endpoint=os.environ.get("FEDROUND_S3_ENDPOINT"),
                 bucket=os.environ.get("FEDROUND_S3_BUCKET", "fedround"),
                 secure=os.environ.get("FEDROUND_S3_SECURE", "false") == "true",
+                region=os.environ.get("FEDROUND_S3_REGION"),
             )
         else:
             store = ObjectStoreSettings(kind="local", root=state / "objects")

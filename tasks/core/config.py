@@ -80,6 +80,9 @@ class SelectionConfig(_Strict):
     liveness_s: float = Field(
         10.0, gt=0, description="a site whose session stops beating this long is left out at once"
     )
+    join_timeout_s: float = Field(
+        300.0, gt=0, description="how long a run waits for a site to start and check its data"
+    )
 
 
 class LimitsConfig(_Strict):

@@ -98,13 +98,18 @@ class Federation:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
 
+    def prefect(self) -> Any:
+        """Point this test process's Prefect client at the stack's server."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: self.services.prefect_api_url})
+
     def wait_for_live_workers(self, sites: list[str], timeout: float = 120) -> None:
         from prefect.client.orchestration import get_client
 
-        os.environ["PREFECT_API_URL"] = self.services.prefect_api_url
         config = load_federation_config(BASE)
         deadline = time.monotonic() + timeout
-        with get_client(sync_client=True) as client:
+        with self.prefect(), get_client(sync_client=True) as client:
             for site in sites:
                 while not client.read_workers_for_work_pool(config.work_pool(site)):
                     assert time.monotonic() < deadline, f"worker of {site} never registered"
@@ -221,8 +226,7 @@ def test_each_site_served_its_rounds_in_its_own_pool(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    os.environ["PREFECT_API_URL"] = federation.services.prefect_api_url
-    with get_client(sync_client=True) as client:
+    with federation.prefect(), get_client(sync_client=True) as client:
         for site in SITES:
             pool = f"{FEDERATION}-{site}"
             runs = client.read_flow_runs(
@@ -242,13 +246,18 @@ def test_killed_site_worker_is_left_out_then_rejoins(federation: Federation) -> 
     config = variant(federation.state_dir, "kill-site", rounds=5)
     process = federation.start_run(config, "--run-id", "kill-site")
     federation.wait_for_key(keys.round_plan_key(FEDERATION, "kill-site", 2), process)
-    federation.kill_worker("site-b")  # the worker and its session, mid round 2
+    federation.kill_worker("site-b")  # the worker and its session, during round 2
     federation.start_worker("site-b")
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-4000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     left_out = result["sites"]["left_out_in_rounds"]
-    assert "site-b" in left_out.get("2", {}), left_out
+    # Killed during round 2 (or just after uploading it): the first round that misses
+    # site-b still completes with the other two, and it names why site-b is missing.
+    missed = sorted(int(r) for r, sites in left_out.items() if "site-b" in sites)
+    assert missed and missed[0] in (2, 3), left_out
+    assert "session stopped answering" in left_out[str(missed[0])]["site-b"]
+    assert set(left_out[str(missed[0])]) == {"site-b"}
     last = federation.store.get(
         keys.checkpoint_prefix(FEDERATION, "kill-site", 5) + "manifest.json"
     )
@@ -258,17 +267,17 @@ def test_killed_site_worker_is_left_out_then_rejoins(federation: Federation) -> 
 def test_site_slower_than_the_deadline_is_left_out_and_its_late_update_rejected(
     federation: Federation,
 ) -> None:
-    # A real cause of slowness: site-c holds 30 times more data than the others, so its
-    # local epoch takes seconds while theirs take a fraction of one.
+    # A real cause of slowness: site-c holds 60 times more data than the others, so its
+    # local epoch takes well over the 8 s deadline while theirs take a fraction of a second.
     shard = federation.site_configs["site-c"].parent / "train.npz"
     original = shard.read_bytes()
     arrays = read_arrays(shard)
-    save_site_data(shard, np.tile(arrays["features"], (30, 1)), np.tile(arrays["labels"], 30))
+    save_site_data(shard, np.tile(arrays["features"], (60, 1)), np.tile(arrays["labels"], 60))
     config = variant(
         federation.state_dir,
         "slow-site",
         rounds=5,
-        **{"selection.deadline_s": 3, "selection.liveness_s": 60},
+        **{"selection.deadline_s": 8, "selection.liveness_s": 60},
     )
     try:
         done = federation.run(config, "--run-id", "slow-site")
@@ -276,14 +285,13 @@ def test_site_slower_than_the_deadline_is_left_out_and_its_late_update_rejected(
         shard.write_bytes(original)
     assert done.returncode == 0, done.stderr[-4000:]
     left_out = done.result["sites"]["left_out_in_rounds"]
-    assert "missed the 3s deadline for round 2" in left_out["2"]["site-c"]
-    late = [
-        why
-        for round_ in ("3", "4", "5")
-        for site, why in left_out.get(round_, {}).items()
-        if site == "site-c" and "late update for round 2" in why
-    ]
-    assert late and "arrived after its round closed" in late[0], left_out
+    assert "missed the 8s deadline for round 2" in left_out["2"]["site-c"]
+    assert all(set(sites) == {"site-c"} for sites in left_out.values()), left_out
+    late = done.result["sites"]["late_updates_rejected"]
+    found = {which: why for found in late.values() for which, why in found.items()}
+    assert any(which.startswith("site-c (round ") for which in found), late
+    assert all("arrived after its round closed" in why for why in found.values()), late
+    assert not any("site-a" in which or "site-b" in which for which in found), late
 
 
 def test_killed_coordinator_resumes_to_identical_weights(
@@ -356,21 +364,21 @@ def test_site_without_a_worker_is_skipped_at_once(federation: Federation) -> Non
     from fedround.flows.distributed import DistributedDispatcher
     from fedround.tasks.core.config import FederationConfig
 
-    os.environ["PREFECT_API_URL"] = federation.services.prefect_api_url
     raw = yaml.safe_load(BASE.read_text())
     raw["sites"].append({"name": "site-z"})  # a site whose pool exists but has no worker
     config = FederationConfig.model_validate(raw)
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=config.work_pool("site-z"), type="process"))
-    dispatcher = DistributedDispatcher(config, federation.store)
-    assert dispatcher.pool_problem("site-a") is None
-    assert "has no worker online" in (dispatcher.pool_problem("site-z") or "")
-    dispatcher.open_run("skip-down-site", ["site-z"])
-    started = time.monotonic()
-    with pytest.raises(SiteUnavailable, match="no worker online"):
-        dispatcher.check_contract("site-z", FEDERATION, "skip-down-site", timeout=120)
-    assert time.monotonic() - started < 5
-    dispatcher.close_run("failed")
+    with federation.prefect():
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(WorkPoolCreate(name=config.work_pool("site-z"), type="process"))
+        dispatcher = DistributedDispatcher(config, federation.store)
+        assert dispatcher.pool_problem("site-a") is None
+        assert "has no worker online" in (dispatcher.pool_problem("site-z") or "")
+        dispatcher.open_run("skip-down-site", ["site-z"])
+        started = time.monotonic()
+        with pytest.raises(SiteUnavailable, match="no worker online"):
+            dispatcher.check_contract("site-z", FEDERATION, "skip-down-site", timeout=120)
+        assert time.monotonic() - started < 5
+        dispatcher.close_run("failed")
 
 
 def test_quorum_lost_fails_in_bounded_time_naming_the_site(federation: Federation) -> None:

@@ -127,6 +127,10 @@ def test_site_credentials_reach_only_their_prefixes(s3_service: Endpoints) -> No
     assert listed == [global_key]
     site_a.put_object(bucket, a_update, io.BytesIO(b"update"), 6)
     assert admin.get_object(bucket, a_update).read() == b"update"
+    # A site reads and lists its own prefix (its session checks its own heartbeats).
+    assert site_a.get_object(bucket, a_update).read() == b"update"
+    own = keys.site_write_prefix(federation, "site-a")
+    assert [o.object_name for o in site_a.list_objects(bucket, own, recursive=True)] == [a_update]
 
     assert _denied(lambda: site_a.get_object(bucket, b_update))
     assert _denied(lambda: site_a.put_object(bucket, b_update, io.BytesIO(b"y"), 1))
