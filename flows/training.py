@@ -302,6 +302,8 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         )
         for site in selected
     ]
+    opened = time.time()
+    specs = [spec.model_copy(update={"dispatched_at": opened}) for spec in specs]
     down = current_dispatcher.get().announce_round(round_, announced.nonce, specs, deadline)
     futures = {
         spec.site: _named(site_round, round_, spec.site).submit(spec, config.selection.deadline_s)
@@ -369,6 +371,13 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     metrics["round_seconds"] = seconds
     metrics["slowest_site_train_seconds"] = slowest
     metrics["orchestration_overhead_seconds"] = seconds - slowest
+    latencies = [
+        done[s].metrics["dispatch_latency_seconds"]
+        for s in outcome.accepted
+        if "dispatch_latency_seconds" in done[s].metrics
+    ]
+    if latencies:
+        metrics["dispatch_latency_max_seconds"] = max(latencies)
     site_metrics = {
         f"site.{site}.{name}": value
         for site in outcome.accepted

@@ -54,6 +54,9 @@ class RoundSpec(BaseModel):
     # Federation context (tenant, config revision, ...): MLflow runs the site's code starts
     # get it as tags through the fedround MLflow plugin.
     context: dict[str, str] = Field(default_factory=dict)
+    # When the coordinator opened the round (epoch seconds): the site reports how long the
+    # round took to reach it. On one machine this is exact; across machines, clock skew adds.
+    dispatched_at: float | None = None
 
 
 class SiteRoundResult(BaseModel):
@@ -130,6 +133,7 @@ def fetch_global(store: ObjectStore, spec: RoundSpec) -> tuple[dict[str, torch.T
 def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
     """Train on the site's data from the round's global model and upload the delta."""
     started = time.perf_counter()
+    dispatch_latency = time.time() - spec.dispatched_at if spec.dispatched_at else None
     torch.set_num_threads(settings.threads)
     if spec.site != settings.site or spec.federation != settings.federation:
         raise SiteError(
@@ -153,6 +157,8 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         "train_seconds": local.seconds,
         "bytes_down": float(nbytes_down),
     }
+    if dispatch_latency is not None:
+        metrics["dispatch_latency_seconds"] = dispatch_latency
     manifest = UpdateManifest(
         federation=spec.federation,
         run_id=spec.run_id,
