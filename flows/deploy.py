@@ -24,12 +24,26 @@ from fedround.tasks.core.errors import FedroundError
 TRAINING_ENTRYPOINT = "fedround.flows.training:train_federation"
 SESSION_ENTRYPOINT = "fedround.site_workers.session:site_session"
 EVALUATION_ENTRYPOINT = "fedround.site_workers.session:site_evaluation"
+# Model lifecycle, run on demand (Prefect UI or `prefect deployment run`) in the coordinator pool.
+LIFECYCLE_DEPLOYMENTS = (
+    (
+        "fedround-promotion",
+        "fedround.flows.promotion:promote_model",
+        "Evaluate the candidate against production at every site; promote it if it passes",
+    ),
+    (
+        "fedround-rollback",
+        "fedround.flows.rollback:rollback_model",
+        "Restore the previous production model (or stop a canary rollout)",
+    ),
+)
 PROJECT_DIR_ENV = "FEDROUND_PROJECT_DIR"
 
 HEADER = """\
 # Prefect deployments of federation {federation}, rendered from {config}
 # by `fedround deploy --render-only`: edit the federation config, not this file.
 #   coordinator: fedround-training/{federation} in pool {coordinator}, cron "{cron}" ({tz})
+#   on demand:   fedround-promotion/{federation} and fedround-rollback/{federation}, same pool
 #   each site:   {session}/<pool> and {evaluation}/<pool> in the site's own pool
 # Apply with `fedround deploy {config}`, or with
 #   FEDROUND_PROJECT_DIR=$PWD prefect --no-prompt deploy --all --prefect-file <this file>
@@ -57,6 +71,18 @@ def render_prefect_yaml(config: FederationConfig, config_path: str) -> str:
             ],
         }
     ]
+    for _flow_name, entrypoint, what in LIFECYCLE_DEPLOYMENTS:
+        deployments.append(
+            {
+                "name": config.federation,
+                "description": f"{what} ({config.federation})",
+                "entrypoint": entrypoint,
+                "parameters": {"config_path": config_path},
+                "work_pool": {"name": config.coordinator_pool},
+                "concurrency_limit": 1,
+                "tags": [f"federation:{config.federation}", f"tenant:{config.tenant}"],
+            }
+        )
     for site in config.sites:
         pool = config.work_pool(site.name)
         for flow_name, entrypoint in (
