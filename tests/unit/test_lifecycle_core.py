@@ -165,3 +165,69 @@ def test_canary_sites_must_be_federation_sites() -> None:
     ok = parse_federation_config(text.replace(", zz", ""))
     assert ok.promotion.rollout.canary == ["a"]
     assert ok.promotion.max_site_drop == 0.02
+
+
+# --- cost accounting, plots, federation context ---------------------------------------
+
+
+def test_costs_sum_per_site_and_tenant_exactly() -> None:
+    from fedround.tasks.core.costs import summarize
+
+    report = summarize(
+        {
+            "a": {"seconds": [1.5, 2.5], "bytes_up": [100, 100], "bytes_down": [200, 200]},
+            "b": {"seconds": [4.0], "bytes_up": [50], "bytes_down": [200]},
+        },
+        tenant="acme",
+        coordinator_seconds=9.0,
+    )
+    assert report.tenant_total.compute_seconds == 8.0
+    metrics = report.metrics()
+    assert metrics["cost.site.a.compute_seconds"] == 4.0
+    assert metrics["cost.site.b.bytes_up"] == 50
+    assert metrics["cost.tenant.acme.bytes_up"] == 250
+    assert metrics["cost.tenant.acme.bytes_down"] == 600
+    assert metrics["cost.coordinator.seconds"] == 9.0
+    assert report.to_dict()["sites"]["a"]["rounds"] == 2
+
+
+def test_training_plots_are_pngs_per_metric() -> None:
+    from fedround.tasks.plots import training_plots
+
+    pngs = training_plots(
+        {"accuracy": [(1, 0.5), (2, 0.7)], "loss": [(1, 1.2), (2, 0.8)]},
+        {"a": {"train_accuracy": [(1, 0.4), (2, 0.6)], "train_loss": [(1, 1.5), (2, 1.0)]}},
+    )
+    assert sorted(pngs) == ["accuracy.png", "loss.png"]
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in pngs.values())
+    assert training_plots({}, {}) == {}
+
+
+def test_federation_context_sets_and_restores_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    from fedround.tasks import run_context
+
+    for name in run_context.ENV.values():
+        monkeypatch.delenv(name, raising=False)
+    assert run_context.mlflow_tags() == {}
+    with run_context.federation_context(federation="f", tenant="t", run_id="r1"):
+        run_context.update(round=3)
+        assert os.environ["FEDROUND_ROUND"] == "3"
+        with run_context.federation_context(site="a"):
+            assert run_context.current_fields() == {
+                "federation": "f",
+                "tenant": "t",
+                "run_id": "r1",
+                "round": "3",
+                "site": "a",
+            }
+        assert "FEDROUND_SITE" not in os.environ
+    assert not [n for n in run_context.ENV.values() if n in os.environ]
+    with (
+        pytest.raises(run_context.BrokenContext, match="round must be a whole number"),
+        run_context.federation_context(round="x"),
+    ):
+        pass
