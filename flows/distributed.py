@@ -265,7 +265,9 @@ class DistributedDispatcher:
         problem = self.pool_problem(spec.site)
         if problem:
             raise SiteUnavailable(f"site {spec.site}: {problem}")
-        evaluation_id = spec.model_key.rsplit("/", 2)[-2]
+        # One result per evaluation and model: <evaluation id>-<label> (candidate, production).
+        _, evaluation, model_file = spec.model_key.rsplit("/", 2)
+        evaluation_id = f"{evaluation}-{model_file.removesuffix('.safetensors')}"
         run_deployment(
             deployment_name(EVALUATION_DEPLOYMENT, self.config.work_pool(spec.site)),
             parameters={"evaluation_id": evaluation_id, "spec": spec.model_dump(mode="json")},

@@ -242,6 +242,44 @@ def test_each_site_served_its_rounds_in_its_own_pool(
             assert {"round 1 · train", "round 2 · train", "round 3 · train"} <= names
 
 
+def test_promotion_evaluates_in_each_sites_pool(
+    baseline: dict[str, Any], federation: Federation
+) -> None:
+    done = subprocess.run(
+        [FEDROUND, "promote", str(BASE), "--distributed", "--json"],
+        env=federation.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["outcome"] == "promoted", result
+    from mlflow import MlflowClient
+
+    uri = federation.services.mlflow_tracking_uri
+    production = MlflowClient(uri, uri).get_model_version_by_alias(
+        f"{FEDERATION}-global", "production"
+    )
+    assert str(production.version) == baseline["model"]["version"]
+    with federation.prefect():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+        with get_client(sync_client=True) as client:
+            for site in SITES:
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(
+                        name=DeploymentFilterName(any_=[f"{FEDERATION}-{site}"])
+                    ),
+                    limit=100,
+                )
+                evaluations = [r for r in runs if "evaluation_id" in r.parameters]
+                assert evaluations, f"{site} evaluated nothing in its own pool"
+                assert {r.work_pool_name for r in evaluations} == {f"{FEDERATION}-{site}"}
+
+
 def test_killed_site_worker_is_left_out_then_rejoins(federation: Federation) -> None:
     config = variant(federation.state_dir, "kill-site", rounds=5)
     process = federation.start_run(config, "--run-id", "kill-site")
