@@ -19,40 +19,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedround.tasks.core.config import FederationConfig, load_federation_config
 from fedround.tasks.core.models import build_model
-from fedround.tasks.core.partition import dirichlet_partition, iid_partition
 from fedround.tasks.core.selection import derive_seed
-from fedround.tasks.demo_sites import load_mnist
+from fedround.tasks.demo_sites import split_demo_data
 
 
 def split(
     config: FederationConfig,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
     """The same site shards and held-out set that fedround's demo provisioning writes."""
-    data = config.data
-    features, labels = load_mnist()
-    order = np.random.default_rng(data.split_seed).permutation(len(labels))
-    train = order[: data.train_size]
-    test = order[data.train_size : data.train_size + data.test_size]
-    if data.partition.kind == "dirichlet":
-        shards = dirichlet_partition(
-            labels[train],
-            len(config.sites),
-            data.partition.alpha,
-            data.split_seed,
-            data.partition.min_examples_per_site,
-        )
-    else:
-        shards = iid_partition(len(train), len(config.sites), data.split_seed)
+    data = split_demo_data(config)
+    train_x, train_y = data.features[data.train], data.labels[data.train]
     sites = [
-        (torch.from_numpy(features[train[s]]), torch.from_numpy(labels[train[s]])) for s in shards
+        (torch.from_numpy(train_x[shard]), torch.from_numpy(train_y[shard]))
+        for shard in data.site_train
     ]
-    return sites, torch.from_numpy(features[test]), torch.from_numpy(labels[test])
+    return (
+        sites,
+        torch.from_numpy(data.features[data.test]),
+        torch.from_numpy(data.labels[data.test]),
+    )
 
 
 def run_plain(config: FederationConfig, threads: int | None = None) -> dict[str, Any]:

@@ -17,11 +17,14 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from fedround.site_workers.settings import SiteSettings, load_site_settings
 from fedround.site_workers.site_round import EvalSpec, RoundSpec, SiteEvalResult, SiteRoundResult
 from fedround.tasks.core.contract_report import ContractReport
+
+if TYPE_CHECKING:
+    from prefect.futures import PrefectFuture
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,19 @@ class SiteDispatcher(Protocol):
 current_dispatcher: contextvars.ContextVar[SiteDispatcher] = contextvars.ContextVar(
     "fedround_dispatcher"
 )
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+
+def settle(futures: Mapping[K, PrefectFuture[T]]) -> dict[K, T | BaseException]:
+    """Wait for every site's task: its result, or the exception it failed with (a failed
+    site is data for the caller to classify, not an exception that stops the others)."""
+    outcomes: dict[K, T | BaseException] = {}
+    for key, future in futures.items():
+        future.wait()
+        outcomes[key] = future.result(raise_on_failure=False)
+    return outcomes
 
 
 # --- functions executed inside the embedded worker processes --------------------------

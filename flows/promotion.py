@@ -35,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from fedround.flows.dispatch import SiteUnavailable, current_dispatcher
+from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
 from fedround.site_workers.site_round import EvalSpec, SiteEvalResult
 from fedround.tasks.audit import AuditLog
 from fedround.tasks.config_versioning import config_revision
@@ -146,9 +146,7 @@ def federated_evaluation(
             ).submit(spec, config.promotion.eval_timeout_s)
     metrics: dict[str, dict[str, SiteMetric]] = {label: {} for label in models}
     unavailable: dict[str, str] = {}
-    for (label, site), future in futures.items():
-        future.wait()
-        result = future.result(raise_on_failure=False)
+    for (label, site), result in settle(futures).items():
         if isinstance(result, SiteEvalResult) and result.ok:
             value = getattr(result, config.promotion.metric)
             if value is not None:

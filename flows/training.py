@@ -35,7 +35,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from fedround.flows.dispatch import SiteUnavailable, current_dispatcher
+from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
 from fedround.site_workers.data import load_site_data
 from fedround.site_workers.site_round import RoundSpec, SiteRoundResult
 from fedround.tasks import run_context
@@ -221,9 +221,7 @@ def _collect(
     """Wait for every site task; failures become data (site → reason)."""
     done: dict[str, SiteRoundResult] = {}
     failed: dict[str, str] = {}
-    for site, future in futures.items():
-        future.wait()
-        outcome = future.result(raise_on_failure=False)
+    for site, outcome in settle(futures).items():
         if isinstance(outcome, SiteRoundResult) and outcome.ok:
             done[site] = outcome
         elif isinstance(outcome, SiteRoundResult):
@@ -461,9 +459,7 @@ def _check_contracts(
     }
     passed: dict[str, ContractReport] = {}
     excluded: dict[str, str] = {}
-    for site, future in futures.items():
-        future.wait()
-        report = future.result(raise_on_failure=False)
+    for site, report in settle(futures).items():
         if isinstance(report, ContractReport) and report.success:
             passed[site] = report
         elif isinstance(report, ContractReport):

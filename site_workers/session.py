@@ -43,6 +43,7 @@ from .site_round import (
     EvalSpec,
     RoundSpec,
     SiteRoundResult,
+    check_serves,
     run_site_contract,
     run_site_evaluation,
     run_site_round,
@@ -140,11 +141,7 @@ def site_session(
     """Serve every round of one training run at this site (see the module docstring)."""
     logger = get_run_logger()
     settings = site_settings_from_env()
-    if (settings.federation, settings.site) != (federation, site):
-        raise ConfigError(
-            f"this worker serves {settings.federation}/{settings.site}, "
-            f"not {federation}/{site}: check the work pool the deployment targets"
-        )
+    check_serves(settings, federation, site)
     store = open_store(settings.object_store)
     info = {
         "attempt": attempt,

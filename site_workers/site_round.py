@@ -114,6 +114,15 @@ def _site_tensors(settings: SiteSettings) -> tuple[torch.Tensor, torch.Tensor]:
     return _tensors(data_file, data_file.stat().st_mtime_ns)
 
 
+def check_serves(settings: SiteSettings, federation: str, site: str) -> None:
+    """Refuse work meant for another site: its pool may be misrouted."""
+    if (settings.federation, settings.site) != (federation, site):
+        raise SiteError(
+            f"this worker serves {settings.federation}/{settings.site}, not {federation}/{site}: "
+            "check the work pool the deployment targets"
+        )
+
+
 def _store(settings: SiteSettings) -> ObjectStore:
     return open_store(settings.object_store)
 
@@ -134,12 +143,8 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
     """Train on the site's data from the round's global model and upload the delta."""
     started = time.perf_counter()
     dispatch_latency = time.time() - spec.dispatched_at if spec.dispatched_at else None
+    check_serves(settings, spec.federation, spec.site)
     torch.set_num_threads(settings.threads)
-    if spec.site != settings.site or spec.federation != settings.federation:
-        raise SiteError(
-            f"this worker serves {settings.federation}/{settings.site}, "
-            f"not {spec.federation}/{spec.site}"
-        )
     run_context.adopt(
         {**spec.context, "run_id": spec.run_id, "round": spec.round, "site": spec.site}
     )
@@ -210,12 +215,8 @@ def run_site_contract(settings: SiteSettings, federation: str, run_id: str) -> C
 def run_site_evaluation(settings: SiteSettings, spec: EvalSpec) -> SiteEvalResult:
     """Evaluate a published model on this site's held-out data; return metrics only."""
     started = time.perf_counter()
+    check_serves(settings, spec.federation, spec.site)
     torch.set_num_threads(settings.threads)
-    if spec.site != settings.site or spec.federation != settings.federation:
-        raise SiteError(
-            f"this worker serves {settings.federation}/{settings.site}, "
-            f"not {spec.federation}/{spec.site}"
-        )
     payload = _store(settings).get(spec.model_key)
     if sha256_hex(payload) != spec.model_sha256:
         raise SiteError(f"model {spec.model_key} does not match its announced sha256")

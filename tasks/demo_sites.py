@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,40 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return features.astype(np.float32), labels.astype(np.int64)
 
 
+@dataclass(frozen=True)
+class DemoSplit:
+    """The demo's data, split: indices into ``features``/``labels``, and per-site indices
+    into ``train`` (``site_train``) and ``test`` (``site_test``)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    site_train: list[np.ndarray]
+    site_test: list[np.ndarray]
+
+
+def split_demo_data(config: FederationConfig) -> DemoSplit:
+    """Split the packaged images as ``config.data`` says; the same config, the same split."""
+    data = config.data
+    features, labels = load_mnist()
+    order = np.random.default_rng(data.split_seed).permutation(len(labels))
+    train = order[: data.train_size]
+    test = order[data.train_size : data.train_size + data.test_size]
+    if data.partition.kind == "dirichlet":
+        site_train = dirichlet_partition(
+            labels[train],
+            len(config.sites),
+            data.partition.alpha,
+            data.split_seed,
+            data.partition.min_examples_per_site,
+        )
+    else:
+        site_train = iid_partition(len(train), len(config.sites), data.split_seed)
+    site_test = matching_partition(labels[test], site_train, data.split_seed, labels[train])
+    return DemoSplit(features, labels, train, test, site_train, site_test)
+
+
 def provision_demo_sites(
     config: FederationConfig,
     settings: CoordinatorSettings,
@@ -80,22 +115,9 @@ def provision_demo_sites(
                 config, settings, site.name, paths[site.name], site_store, prefect_api_url
             )
         return paths
-    data = config.data
-    features, labels = load_mnist()
-    order = np.random.default_rng(data.split_seed).permutation(len(labels))
-    train = order[: data.train_size]
-    test = order[data.train_size : data.train_size + data.test_size]
-    if data.partition.kind == "dirichlet":
-        shards = dirichlet_partition(
-            labels[train],
-            len(config.sites),
-            data.partition.alpha,
-            data.split_seed,
-            data.partition.min_examples_per_site,
-        )
-    else:
-        shards = iid_partition(len(train), len(config.sites), data.split_seed)
-    test_shards = matching_partition(labels[test], shards, data.split_seed, labels[train])
+    split = split_demo_data(config)
+    features, labels, train, test = split.features, split.labels, split.train, split.test
+    shards, test_shards = split.site_train, split.site_test
     save_site_data(settings.holdout_file(config.federation), features[test], labels[test])
     sizes = {}
     for site, shard, test_shard in zip(config.sites, shards, test_shards, strict=True):
