@@ -151,6 +151,19 @@ def main() -> None:
             "fedround": fed["final_metrics"]["accuracy"],
             "plain": plain["final_accuracy"],
         },
+        "fedround_warm_breakdown_seconds": {
+            "outside_the_flow": statistics.median(
+                r["seconds"] - r["result"]["timings"]["flow_seconds"] for r in warm
+            ),
+            "flow_setup": statistics.median(r["result"]["timings"]["setup_seconds"] for r in warm),
+            "rounds": statistics.median(r["result"]["timings"]["rounds_seconds"] for r in warm),
+            "after_the_rounds": statistics.median(
+                r["result"]["timings"]["flow_seconds"]
+                - r["result"]["timings"]["setup_seconds"]
+                - r["result"]["timings"]["rounds_seconds"]
+                for r in warm
+            ),
+        },
         "repeats": args.repeats,
     }
     r, c, m = report["round_median_seconds"], report["command_seconds"], report["peak_memory_mib"]
@@ -165,6 +178,13 @@ def main() -> None:
         f"(goal <= 800)\n"
         f"final accuracy        fedround {report['final_accuracy']['fedround']:.4f}   "
         f"plain {report['final_accuracy']['plain']:.4f}"
+    )
+    b = report["fedround_warm_breakdown_seconds"]
+    print(
+        f"fedround warm, where the time goes: {b['outside_the_flow']:.1f}s outside the flow "
+        f"(imports, Prefect's temporary server start and stop), {b['flow_setup']:.1f}s flow "
+        f"set-up (MLflow run, checkpoint 0, data contracts), {b['rounds']:.1f}s rounds, "
+        f"{b['after_the_rounds']:.1f}s after them (model logging and registration, plots)"
     )
     out = ROOT / "benchmarks/results"
     out.mkdir(exist_ok=True)

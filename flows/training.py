@@ -303,9 +303,12 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     opened = time.time()
     specs = [spec.model_copy(update={"dispatched_at": opened}) for spec in specs]
     down = current_dispatcher.get().announce_round(round_, announced.nonce, specs, deadline)
+    # Largest sites first: where site work shares a few processes (the embedded default),
+    # longest-first keeps the round's makespan short; elsewhere the order does not matter.
+    by_size = sorted(specs, key=lambda spec: -ctx.max_examples.get(spec.site, 0))
     futures = {
         spec.site: _named(site_round, round_, spec.site).submit(spec, config.selection.deadline_s)
-        for spec in specs
+        for spec in by_size
         if spec.site not in down
     }
     done, failed = _collect(futures)
@@ -387,7 +390,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         }.items()
     }
     RunTracker(ctx.settings.tracking_uri, ctx.mlflow_run_id).log_metrics(
-        {**metrics, **site_metrics}, step=round_
+        {**metrics, **site_metrics}, step=round_, wait=False
     )
     logger.info(
         "round %d: %d/%d sites accepted, accuracy %s",

@@ -101,13 +101,17 @@ class RunTracker:
 
         self.client.log_batch(self.mlflow_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, wait: bool = True) -> None:
+        """Log metrics at ``step``; ``wait=False`` queues them on MLflow's async logger (off a
+        round's critical path; :meth:`finish` flushes the queue)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(items), 1000):
-            self.client.log_batch(self.mlflow_run_id, metrics=items[start : start + 1000])
+            self.client.log_batch(
+                self.mlflow_run_id, metrics=items[start : start + 1000], synchronous=wait
+            )
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.mlflow_run_id, text, artifact_file)
@@ -116,6 +120,9 @@ class RunTracker:
         self.client.log_artifact(self.mlflow_run_id, str(path), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()
         self.client.set_terminated(self.mlflow_run_id, status=status)
 
     def registered_model(self) -> RegisteredModel | None:
