@@ -63,7 +63,7 @@ class DistributedDispatcher:
 
     config: FederationConfig
     store: ObjectStore
-    poll_s: float = 0.05
+    poll_s: float = 0.1
     liveness_s: float | None = None  # default: the config's selection.liveness_s
     join_timeout_s: float | None = None  # default: the config's selection.join_timeout_s
     worker_stale_s: float = 20.0

@@ -134,7 +134,7 @@ def site_session(
     run_id: str,
     site: str,
     attempt: int = 1,
-    poll_s: float = 0.05,
+    poll_s: float = 0.1,
     heartbeat_s: float = 1.0,
     idle_timeout_s: float = 3600.0,
 ) -> dict[str, Any]:
