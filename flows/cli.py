@@ -156,29 +156,16 @@ def _run_distributed(config_path: Path, run_id: str | None, **options: Any) -> d
 def _run_embedded(
     config_path: Path, run_id: str | None, processes: int | None, **options: Any
 ) -> dict[str, Any]:
-    from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
-    from fedround.tasks.core.config import load_federation_config
-    from fedround.tasks.demo_sites import provision_demo_sites
-    from fedround.tasks.runtime import CoordinatorSettings
+    from fedround.flows.dispatch import embedded_federation
 
-    config = load_federation_config(config_path)
-    settings = CoordinatorSettings.from_env()
-    site_configs = provision_demo_sites(config, settings)
-    dispatcher = EmbeddedDispatcher(site_configs, processes or settings.site_processes)
-    dispatcher.warm_up()
-    token = current_dispatcher.set(dispatcher)
-    try:
+    with embedded_federation(config_path, processes):
         from fedround.flows.training import new_run_id, train_federation
 
         environment.quiet_known_errors()
-
         result = train_federation(
             config_path=str(config_path), run_id=run_id or new_run_id(), **options
         )
         return result.model_dump(mode="json")
-    finally:
-        current_dispatcher.reset(token)
-        dispatcher.close()
 
 
 # Other command groups live beside what they operate; each module exposes

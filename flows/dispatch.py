@@ -12,9 +12,10 @@ import contextvars
 import logging
 import multiprocessing
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -215,3 +216,32 @@ class EmbeddedDispatcher:
                 process.terminate()
             for process in processes:
                 process.join(timeout=5)
+
+
+@contextmanager
+def embedded_federation(config_path: Path, processes: int | None) -> Iterator[EmbeddedDispatcher]:
+    """The federation's sites on this machine, current for the flows run inside the block.
+
+    Prefect's temporary server boots in the background first; meanwhile the demo sites are
+    provisioned and the worker processes start their imports. The block begins once the
+    server answers, and the workers are stopped when it ends.
+    """
+    from fedround.flows import environment
+    from fedround.tasks.core.config import load_federation_config
+    from fedround.tasks.demo_sites import provision_demo_sites
+    from fedround.tasks.runtime import CoordinatorSettings
+
+    booting = environment.start_prefect_early()
+    config = load_federation_config(config_path)
+    settings = CoordinatorSettings.from_env()
+    site_configs = provision_demo_sites(config, settings)
+    dispatcher = EmbeddedDispatcher(site_configs, processes or settings.site_processes)
+    dispatcher.warm_up()
+    token = current_dispatcher.set(dispatcher)
+    try:
+        if booting is not None:
+            booting.join()
+        yield dispatcher
+    finally:
+        current_dispatcher.reset(token)
+        dispatcher.close()

@@ -72,24 +72,10 @@ def _embedded_sites(config_path: Path, processes: int | None, distributed: bool)
             raise ConfigError("--distributed needs a Prefect server: set PREFECT_API_URL")
         yield
         return
-    from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
-    from fedround.tasks.core.config import load_federation_config
-    from fedround.tasks.demo_sites import provision_demo_sites
-    from fedround.tasks.runtime import CoordinatorSettings
+    from fedround.flows.dispatch import embedded_federation
 
-    booting = environment.start_prefect_early()
-    config = load_federation_config(config_path)
-    settings = CoordinatorSettings.from_env()
-    site_configs = provision_demo_sites(config, settings)
-    dispatcher = EmbeddedDispatcher(site_configs, processes or settings.site_processes)
-    token = current_dispatcher.set(dispatcher)
-    try:
-        if booting is not None:
-            booting.join()
+    with embedded_federation(config_path, processes):
         yield
-    finally:
-        current_dispatcher.reset(token)
-        dispatcher.close()
 
 
 def promote(
