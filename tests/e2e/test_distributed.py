@@ -38,7 +38,7 @@ from fedround.flows.services import Endpoints
 from fedround.site_workers.data import read_arrays, save_site_data
 from fedround.site_workers.training import train_locally
 from fedround.tasks.core import keys
-from fedround.tasks.core.config import TrainingConfig, load_federation_config
+from fedround.tasks.core.config import load_federation_config
 from fedround.tasks.core.models import build_model
 from fedround.tasks.object_store import ObjectStoreSettings, S3ObjectStore
 
@@ -308,12 +308,14 @@ def test_killed_site_worker_is_left_out_then_rejoins(federation: Federation) -> 
 def one_epoch_seconds(features: np.ndarray, labels: np.ndarray) -> float:
     """Seconds one local epoch over these arrays takes on this machine (one torch thread,
     as a site session trains)."""
-    model = build_model(load_federation_config(BASE).model, seed=0)
+    config = load_federation_config(BASE)
+    model = build_model(config.model, seed=0)
+    training = config.training.model_copy(update={"local_epochs": 1})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         result = train_locally(
-            model, torch.from_numpy(features), torch.from_numpy(labels), TrainingConfig(), 0
+            model, torch.from_numpy(features), torch.from_numpy(labels), training, seed=0
         )
     finally:
         torch.set_num_threads(threads)
