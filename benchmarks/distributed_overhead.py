@@ -86,9 +86,9 @@ def main() -> None:
     parser.add_argument("--prefect-db", default="auto", choices=["auto", "sqlite", "postgres"])
     args = parser.parse_args()
 
-    from fedround.flows.services import ServiceStack
+    from fedround.flows.services.stack import ServiceStack
+    from fedround.site_workers.demo_sites import provision_demo_sites
     from fedround.tasks.core.config import load_federation_config
-    from fedround.tasks.demo_sites import provision_demo_sites
     from fedround.tasks.object_store import LocalObjectStore, ObjectStoreSettings, S3ObjectStore
     from fedround.tasks.runtime import CoordinatorSettings
 

@@ -75,7 +75,7 @@ def in_process_rounds(config_path: Path, state: Path) -> tuple[dict[str, Any], d
 
     environment.configure(state)
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "ERROR")
-    from fedround.flows.cli import _run_embedded
+    from fedround.flows.cli.main import _run_embedded
 
     fed = _run_embedded(config_path, None, None)
     sys.path.insert(0, str(Path(__file__).parent))

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedround.site_workers.demo_sites import split_demo_data
 from fedround.tasks.core.config import FederationConfig, load_federation_config
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.selection import derive_seed
-from fedround.tasks.demo_sites import split_demo_data
 
 
 def split(

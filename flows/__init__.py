@@ -1,1 +1,2 @@
-"""The coordinator: the training flow (one round after another), the CLI, site dispatch."""
+"""The coordinator: the training flow (one round after another), site dispatch, promotion,
+rollback; the CLI (`cli/`) and the local service stack (`services/`)."""

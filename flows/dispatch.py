@@ -227,8 +227,8 @@ def embedded_federation(config_path: Path, processes: int | None) -> Iterator[Em
     server answers, and the workers are stopped when it ends.
     """
     from fedround.flows import environment
+    from fedround.site_workers.demo_sites import provision_demo_sites
     from fedround.tasks.core.config import load_federation_config
-    from fedround.tasks.demo_sites import provision_demo_sites
     from fedround.tasks.runtime import CoordinatorSettings
 
     booting = environment.start_prefect_early()

@@ -60,6 +60,7 @@ from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_by
 from fedround.tasks.core.strategies import build_strategy
 from fedround.tasks.core.validation import UpdateExpectation, check_manifest, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
+from fedround.tasks.registry import register_candidate, registered_by_run
 from fedround.tasks.retry import only_transient
 from fedround.tasks.run_lineage import TrainingLineage
 from fedround.tasks.runtime import CoordinatorSettings
@@ -580,7 +581,8 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         summaries = _run_rounds(ctx, first=start.round + 1)
         final = load_checkpoint(store, config.federation, run_id, config.rounds)
         lineage_tags, parent = lineage.version_tags(tracker)
-        registered = tracker.registered_model() or tracker.register_candidate(
+        registered = registered_by_run(tracker) or register_candidate(
+            tracker,
             config,
             final.weights,
             parent=parent,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Static checks: ruff (lint + format), mypy (strict on the pure core and the MLflow plugins)
-# and the import-linter contract that keeps the core pure.
+# and the import-linter contracts (the core is pure; flows > site_workers > tasks layers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # mypy and import-linter resolve modules on the file system, not through the editable

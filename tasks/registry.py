@@ -43,7 +43,7 @@ from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_by
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-    from fedround.tasks.tracking import RegisteredModel, RunTracker
+    from fedround.tasks.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,16 @@ _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias
 
 class RegistryError(FedroundError):
     """A registry entry is missing, ambiguous, or fails its integrity check."""
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A version registered by a training run: ``uri`` is ``models:/<name>/<version>``."""
+
+    name: str
+    version: str
+    uri: str
+    alias: str
 
 
 def site_alias(site: str) -> str:
@@ -301,6 +311,16 @@ def _assign_semver(
     raise RegistryError(f"could not assign a unique semantic version to {registry.name} v{version}")
 
 
+def registered_by_run(tracker: RunTracker) -> RegisteredModel | None:
+    """The version this training run already registered (when a finished run is re-run):
+    :func:`register_candidate` records it in the run's tags."""
+    tags = tracker.client.get_run(tracker.mlflow_run_id).data.tags
+    name, version = tags.get(f"{TAG}model_name"), tags.get(f"{TAG}model_version")
+    if not name or not version:
+        return None
+    return RegisteredModel(name, version, f"models:/{name}/{version}", CANDIDATE)
+
+
 def register_candidate(
     tracker: RunTracker,
     config: FederationConfig,
@@ -313,8 +333,6 @@ def register_candidate(
     ``parent`` is the version training started from (``--init-from``), if any.
     """
     import mlflow
-
-    from fedround.tasks.tracking import RegisteredModel
 
     quiet_downloads()
     registry = ModelRegistry(tracker.tracking_uri, config.model_name)

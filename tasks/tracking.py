@@ -1,25 +1,23 @@
-"""MLflow tracking and registry for one training run.
+"""MLflow tracking for one training run.
 
 One MLflow run per training run (resumed, not duplicated, after a crash): parameters,
-global metrics per round (``step=round``), per-site metrics, lineage tags; at the end the
-global model is registered as a new version with alias ``candidate``.
+global metrics per round (``step=round``), per-site metrics, lineage tags. Registering the
+global model at the end is the registry's job (``register_candidate(tracker, ...)`` in
+:mod:`fedround.tasks.registry`, which imports this module, never the other way round).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedround.tasks.core.config import FederationConfig
-from fedround.tasks.core.serialization import Weights
 
 log = logging.getLogger(__name__)
 
 TAG = "fedround."
-CANDIDATE = "candidate"
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -30,14 +28,6 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
             flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
         return flat
     return {prefix: str(value)[:6000]}
-
-
-@dataclass(frozen=True)
-class RegisteredModel:
-    name: str
-    version: str
-    uri: str
-    alias: str
 
 
 class RunTracker:
@@ -124,25 +114,3 @@ class RunTracker:
 
         mlflow.flush_async_logging()
         self.client.set_terminated(self.mlflow_run_id, status=status)
-
-    def registered_model(self) -> RegisteredModel | None:
-        """The version this training run already registered (when a finished run is re-run)."""
-        tags = self.client.get_run(self.mlflow_run_id).data.tags
-        name, version = tags.get(f"{TAG}model_name"), tags.get(f"{TAG}model_version")
-        if not name or not version:
-            return None
-        return RegisteredModel(name, version, f"models:/{name}/{version}", CANDIDATE)
-
-    def register_candidate(
-        self,
-        config: FederationConfig,
-        weights: Weights,
-        version_tags: dict[str, str],
-        parent: str | None = None,
-    ) -> RegisteredModel:
-        """Log the global model (torch.export, no pickle, plus its safetensors weights) and
-        register it as a new version with alias ``candidate``: see
-        :func:`fedround.tasks.registry.register_candidate`."""
-        from fedround.tasks.registry import register_candidate
-
-        return register_candidate(self, config, weights, version_tags, parent)

@@ -13,7 +13,7 @@ Fixtures, each yielding :class:`Endpoints`:
 ``prefect_service``  the Prefect server on a private Postgres cluster (API only, no UI)
 ``local_services``   all three, started in parallel
 
-``Endpoints`` (stable API, from :mod:`fedround.flows.services`)::
+``Endpoints`` (stable API, from :mod:`fedround.flows.services.stack`)::
 
     state_dir: Path                 the stack's state folder (services in state_dir/services)
     prefect_api_url: str            http://127.0.0.1:<port>/api
@@ -54,7 +54,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedround.flows.services import ALL_SERVICES, Endpoints, ServiceStack
+from fedround.flows.services.stack import ALL_SERVICES, Endpoints, ServiceStack
 
 __all__ = [
     "Endpoints",

@@ -34,7 +34,7 @@ import pytest
 import torch
 import yaml
 
-from fedround.flows.services import Endpoints
+from fedround.flows.services.stack import Endpoints
 from fedround.site_workers.data import read_arrays, save_site_data
 from fedround.site_workers.training import train_locally
 from fedround.tasks.core import keys
@@ -155,7 +155,7 @@ class Federation:
 def federation(
     local_services: Endpoints, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Federation]:
-    from fedround.tasks.demo_sites import provision_demo_sites
+    from fedround.site_workers.demo_sites import provision_demo_sites
     from fedround.tasks.runtime import CoordinatorSettings
 
     state = tmp_path_factory.mktemp("distributed")

@@ -51,7 +51,7 @@ def first_run(state_dir: Path) -> dict[str, Any]:
     """Provision the sites, break site-d's labels, run the federation through the CLI."""
     os.environ["FEDROUND_STATE_DIR"] = str(state_dir)
     try:
-        from fedround.tasks.demo_sites import provision_demo_sites
+        from fedround.site_workers.demo_sites import provision_demo_sites
         from fedround.tasks.runtime import CoordinatorSettings
 
         provision_demo_sites(load_federation_config(CONFIG), CoordinatorSettings.from_env())

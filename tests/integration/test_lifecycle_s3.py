@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedround.flows.cli import app
+from fedround.flows.cli.main import app
 from fedround.tasks.audit import AuditLog
 from fedround.tasks.checkpoints import MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint
 from fedround.tasks.core import keys
@@ -25,6 +25,7 @@ from fedround.tasks.core.manifest import CheckpointManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.locks import Lock
 from fedround.tasks.object_store import S3ObjectStore
+from fedround.tasks.registry import register_candidate
 from fedround.tasks.retention import (
     copy_run_checkpoints,
     ensure_bucket,
@@ -148,7 +149,7 @@ def registered(mlflow_service: Endpoints) -> tuple[str, str, str]:
     )
     tracker = RunTracker.start(mlflow_service.mlflow_tracking_uri, config, "kept", tags={})
     model_weights = build_model(config.model, seed=1).state_dict()
-    registered = tracker.register_candidate(config, model_weights, {"fedround.run_id": "kept"})
+    registered = register_candidate(tracker, config, model_weights, {"fedround.run_id": "kept"})
     tracker.finish()
     return federation, registered.version, config.model_name
 

@@ -37,7 +37,7 @@ from fedround.tasks.core.errors import FedroundError
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
 from fedround.tasks.object_store import ObjectStoreSettings, S3ObjectStore
-from fedround.tasks.registry import ModelRegistry
+from fedround.tasks.registry import ModelRegistry, register_candidate
 from fedround.tasks.tracking import RunTracker
 from tests.services import Endpoints
 
@@ -90,7 +90,7 @@ class World:
         run_id = f"{model}-{len(self.runs)}"
         self.runs.append(run_id)
         tracker = RunTracker.start(self.tracking_uri, config, run_id, tags={})
-        registered = tracker.register_candidate(config, weights, {"fedround.run_id": run_id})
+        registered = register_candidate(tracker, config, weights, {"fedround.run_id": run_id})
         tracker.finish()
         return registered.version
 
@@ -108,8 +108,8 @@ def world(local_services: Endpoints, tmp_path_factory: pytest.TempPathFactory) -
 
     from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
     from fedround.site_workers.data import TRAIN_FILE, load_site_data
+    from fedround.site_workers.demo_sites import provision_demo_sites
     from fedround.site_workers.training import train_locally
-    from fedround.tasks.demo_sites import provision_demo_sites
     from fedround.tasks.runtime import CoordinatorSettings
 
     state = tmp_path_factory.mktemp("promotion")

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from fedround.tasks.core.config import parse_federation_config
 from fedround.tasks.core.models import build_model
+from fedround.tasks.registry import register_candidate
 from fedround.tasks.tracking import RunTracker
 
 CONFIG = parse_federation_config(
@@ -31,7 +32,7 @@ def test_candidate_registration_round_trip(tmp_path: Path) -> None:
     tracker.log_metrics({"accuracy": 0.5}, step=1)
     tracker.log_metrics({"accuracy": 0.75}, step=2)
     weights = build_model(CONFIG.model, seed=3).state_dict()
-    registered = tracker.register_candidate(CONFIG, weights, {"fedround.run_id": "run-1"})
+    registered = register_candidate(tracker, CONFIG, weights, {"fedround.run_id": "run-1"})
     tracker.finish()
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

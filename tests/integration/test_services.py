@@ -16,9 +16,8 @@ import pytest
 from minio import Minio
 from minio.error import S3Error
 
-from fedround.flows import services_postgres as pg
-from fedround.flows.services import Endpoints, Ports, ServiceStack, load_endpoints
-from fedround.flows.services_proc import (
+from fedround.flows.services import postgres as pg
+from fedround.flows.services.proc import (
     HOST,
     Launch,
     PortInUse,
@@ -28,7 +27,8 @@ from fedround.flows.services_proc import (
     spawn,
     stop_record,
 )
-from fedround.flows.services_s3 import weed_binary
+from fedround.flows.services.s3 import weed_binary
+from fedround.flows.services.stack import Endpoints, Ports, ServiceStack, load_endpoints
 from fedround.tasks.core import keys
 
 FEDROUND = [str(Path(sys.executable).parent / "fedround")]

@@ -37,7 +37,7 @@ def _fail(message: str) -> None:
 def _log_progress() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("fedround: %(message)s"))
-    for name in ("fedround.flows.services", "fedround.flows.services_proc"):
+    for name in ("fedround.flows.services.stack", "fedround.flows.services.proc"):
         log = logging.getLogger(name)
         log.setLevel(logging.INFO)
         log.addHandler(handler)
@@ -70,7 +70,7 @@ def up(
     ui: Annotated[bool, typer.Option(help="Serve the Prefect UI")] = True,
 ) -> None:
     """Start S3, MLflow and Prefect servers on 127.0.0.1 in the background."""
-    from fedround.flows.services import Ports, ServiceStack, export_lines
+    from fedround.flows.services.stack import Ports, ServiceStack, export_lines
 
     if prefect_db not in {"auto", "sqlite", "postgres"}:
         _fail(f"--prefect-db must be auto, sqlite or postgres, not {prefect_db!r}")
@@ -115,7 +115,7 @@ def down(
     ] = False,
 ) -> None:
     """Stop the services `fedround up` started (stale pid files are cleaned up too)."""
-    from fedround.flows.services import down as stop_all
+    from fedround.flows.services.stack import down as stop_all
 
     _log_progress()
     try:
@@ -133,7 +133,7 @@ def status(
     """Which services run, where, and whether they are healthy."""
     from dataclasses import asdict
 
-    from fedround.flows.services import status as read_status
+    from fedround.flows.services.stack import status as read_status
 
     rows = read_status(state_dir.resolve())
     if as_json:
@@ -158,7 +158,7 @@ def env(
     ] = None,
 ) -> None:
     """Print `export` lines for clients, secrets included (eval "$(fedround env)")."""
-    from fedround.flows.services import export_lines, load_endpoints
+    from fedround.flows.services.stack import export_lines, load_endpoints
 
     try:
         endpoints = load_endpoints(state_dir.resolve())
@@ -181,7 +181,7 @@ def credentials(
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Print a site's S3 credentials as the object_store block of its site.yaml (secret!)."""
-    from fedround.flows.services import add_site_identities
+    from fedround.flows.services.stack import add_site_identities
 
     try:
         creds = add_site_identities(state_dir.resolve(), federation, [site])[site]

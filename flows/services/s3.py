@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedround.flows.services_proc import GRPC_OFFSET, HOST, Launch, PortPicker, ServiceError
+from fedround.flows.services.proc import GRPC_OFFSET, HOST, Launch, PortPicker, ServiceError
 from fedround.tasks.core.keys import site_read_prefix, site_write_prefix
 
 REGION = "us-east-1"

@@ -1,5 +1,5 @@
 """``fedround promote``, ``rollback``, ``lineage``, ``audit`` and ``checkpoints``: the model
-lifecycle on the command line (registered into the ``fedround`` app by ``flows/cli.py``).
+lifecycle on the command line (registered into the ``fedround`` app by ``flows/cli/main.py``).
 
 Exit codes: 0 done (promoted, canary started, rolled back, ...), 3 the candidate was
 rejected by a gate, 1 an error (the message says what to do), 2 a config error.

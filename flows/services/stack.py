@@ -19,7 +19,7 @@ Services:
   ``mlflow`` (artifacts). New site identities reach a running server (SIGHUP reload).
 * ``mlflow`` — ``mlflow server`` on sqlite, artifacts proxied to ``s3://mlflow/artifacts``.
 * ``prefect`` — ``prefect server start`` on a private Postgres cluster (``postgres``, see
-  :mod:`fedround.flows.services_postgres`) or on sqlite (``prefect_db="sqlite"``; several
+  :mod:`fedround.flows.services.postgres`) or on sqlite (``prefect_db="sqlite"``; several
   workers then risk "database is locked").
 
 Typical use::
@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedround.flows import services_postgres as pg
-from fedround.flows import services_s3 as s3
 from fedround.flows.environment import TELEMETRY_OFF
-from fedround.flows.services_proc import (
+from fedround.flows.services import postgres as pg
+from fedround.flows.services import s3
+from fedround.flows.services.proc import (
     HOST,
     PORTS,
     Launch,
@@ -68,7 +68,7 @@ from fedround.flows.services_proc import (
     stop_record,
     write_record,
 )
-from fedround.flows.services_s3 import REGION, S3Keys, SiteCredentials
+from fedround.flows.services.s3 import REGION, S3Keys, SiteCredentials
 
 __all__ = [
     "Endpoints",

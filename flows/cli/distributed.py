@@ -99,8 +99,8 @@ def demo_provision(
     own S3 credentials (it may read the federation's global models and write only its own
     updates) and the Prefect API URL, ready for `fedround site start`.
     """
+    from fedround.site_workers.demo_sites import provision_demo_sites
     from fedround.tasks.core.config import load_federation_config
-    from fedround.tasks.demo_sites import provision_demo_sites
     from fedround.tasks.object_store import ObjectStoreSettings
     from fedround.tasks.runtime import CoordinatorSettings, state_dir_from_env
 
@@ -111,12 +111,12 @@ def demo_provision(
         site_store = None
         api_url = os.environ.get("PREFECT_API_URL")
         if (state / "services" / "endpoints.json").exists():
-            from fedround.flows import services
+            from fedround.flows.services import stack
 
-            credentials = services.add_site_identities(
+            credentials = stack.add_site_identities(
                 state, loaded.federation, [s.name for s in loaded.sites]
             )
-            api_url = services.load_endpoints(state).prefect_api_url
+            api_url = stack.load_endpoints(state).prefect_api_url
 
             def site_store(site: str) -> ObjectStoreSettings:
                 return ObjectStoreSettings.model_validate(credentials[site].object_store_settings())

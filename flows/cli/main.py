@@ -1,4 +1,5 @@
-"""The ``fedround`` command line."""
+"""The ``fedround`` app: the ``run`` command, the entry point ``main``, and the other command
+groups of this package registered into the app."""
 
 from __future__ import annotations
 
@@ -168,12 +169,12 @@ def _run_embedded(
         return result.model_dump(mode="json")
 
 
-# Other command groups live beside what they operate; each module exposes
+# The other command groups are modules of this package; each exposes
 # ``register(app: typer.Typer) -> None`` and is listed here.
 COMMAND_MODULES: list[str] = [
-    "fedround.flows.distributed_cli",
-    "fedround.flows.services_cli",
-    "fedround.flows.lifecycle_cli",
+    "fedround.flows.cli.distributed",
+    "fedround.flows.cli.services",
+    "fedround.flows.cli.lifecycle",
 ]
 
 

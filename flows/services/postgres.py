@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from fedround.flows.services_proc import HOST, ProcessRecord, ServiceError, log_tail
+from fedround.flows.services.proc import HOST, ProcessRecord, ServiceError, log_tail
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def connection_url(port: int, password: str) -> str:
 
 def stop(record: ProcessRecord, timeout_s: float = 30) -> None:
     """``pg_ctl stop -m fast``; falls back to signals if pg_ctl cannot do it."""
-    from fedround.flows.services_proc import stop_record
+    from fedround.flows.services.proc import stop_record
 
     data_dir = Path(record.extra.get("data_dir", ""))
     bindir = Path(record.extra.get("bindir", "")) if record.extra.get("bindir") else find_bindir()
