@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from fedround.site_workers.settings import SiteSettings, load_site_settings
 from fedround.site_workers.site_round import EvalSpec, RoundSpec, SiteEvalResult, SiteRoundResult
+from fedround.tasks.core.config import FederationConfig
 from fedround.tasks.core.contract_report import ContractReport
+from fedround.tasks.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from prefect.futures import PrefectFuture
@@ -218,6 +220,29 @@ class EmbeddedDispatcher:
                 process.join(timeout=5)
 
 
+def own_site_configs(config: FederationConfig, config_path: Path) -> dict[str, Path]:
+    """``source: sites`` on one machine: each site entry names its own ``site.yaml``."""
+    missing = [site.name for site in config.sites if not site.config]
+    if missing:
+        raise ConfigError(
+            f"{config_path}: sites {missing} have no config: with data.source: sites, the "
+            "embedded mode needs each site's own site.yaml (sites: - {name: a, config: "
+            "sites/a/site.yaml}); in distributed mode each site's worker has it instead"
+        )
+    paths = {site.name: (config_path.parent / str(site.config)).resolve() for site in config.sites}
+    absent = {name: str(path) for name, path in paths.items() if not path.exists()}
+    if absent:
+        raise ConfigError(f"{config_path}: site configs not found: {absent}")
+    for name, path in paths.items():
+        settings = load_site_settings(path)
+        if (settings.federation, settings.site) != (config.federation, name):
+            raise ConfigError(
+                f"{path} is the config of {settings.federation}/{settings.site}, "
+                f"not {config.federation}/{name}"
+            )
+    return paths
+
+
 @contextmanager
 def embedded_federation(config_path: Path, processes: int | None) -> Iterator[EmbeddedDispatcher]:
     """The federation's sites on this machine, current for the flows run inside the block.
@@ -234,7 +259,10 @@ def embedded_federation(config_path: Path, processes: int | None) -> Iterator[Em
     booting = environment.start_prefect_early()
     config = load_federation_config(config_path)
     settings = CoordinatorSettings.from_env()
-    site_configs = provision_demo_sites(config, settings)
+    if config.data.source == "sites":
+        site_configs = own_site_configs(config, config_path)
+    else:
+        site_configs = provision_demo_sites(config, settings)
     dispatcher = EmbeddedDispatcher(site_configs, processes or settings.site_processes)
     dispatcher.warm_up()
     token = current_dispatcher.set(dispatcher)

@@ -44,6 +44,8 @@ def configure(state_dir: Path, quiet_console: bool = True) -> None:
         os.environ.setdefault(name, value)
     os.environ["FEDROUND_STATE_DIR"] = str(state_dir)
     os.environ.setdefault("PREFECT_HOME", str(state_dir / "prefect"))
+    # Prefect creates its home only one level deep: a fresh, nested state dir must exist.
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
     if not os.environ.get("PREFECT_API_URL"):  # the embedded temporary server

@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -36,8 +35,8 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
-from fedround.site_workers.data import load_site_data
-from fedround.site_workers.site_round import RoundSpec, SiteRoundResult
+from fedround.site_workers.data import load_dataset
+from fedround.site_workers.site_round import RoundSpec, SiteRoundResult, evaluate_model
 from fedround.tasks import run_context
 from fedround.tasks.aggregation import AggregationOutcome, aggregate_updates
 from fedround.tasks.checkpoints import (
@@ -49,15 +48,21 @@ from fedround.tasks.checkpoints import (
     save_checkpoint,
 )
 from fedround.tasks.core import keys
-from fedround.tasks.core.config import FederationConfig, load_federation_config
+from fedround.tasks.core.config import FederationConfig, ModelConfig, load_federation_config
 from fedround.tasks.core.contract_report import ContractReport
-from fedround.tasks.core.errors import ConfigError, QuorumNotReached, UpdateRejected
-from fedround.tasks.core.evaluation import EvalResult, evaluate
+from fedround.tasks.core.errors import (
+    ConfigError,
+    ObjectNotFound,
+    QuorumNotReached,
+    UpdateRejected,
+)
 from fedround.tasks.core.manifest import CheckpointManifest, GlobalManifest, UpdateManifest
 from fedround.tasks.core.models import build_model
+from fedround.tasks.core.preprocessing import Preprocessor, bound_summary, merge_summaries
 from fedround.tasks.core.selection import derive_seed, select_sites
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
 from fedround.tasks.core.strategies import build_strategy
+from fedround.tasks.core.usercode import resolve_model_config
 from fedround.tasks.core.validation import UpdateExpectation, check_manifest, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
 from fedround.tasks.registry import register_candidate, registered_by_run
@@ -80,6 +85,10 @@ class RunContext(BaseModel):
     mlflow_run_id: str
     eligible: list[str]
     max_examples: dict[str, int]
+    # The model as every site builds it (for tables: in/out features filled in after set-up)
+    model: ModelConfig
+    preprocessor: Preprocessor | None = None
+    preprocessing_sha256: str | None = None
 
 
 class RoundSummary(BaseModel):
@@ -157,20 +166,24 @@ def aggregate(
     return outcome, strategy.state_dict()
 
 
-_HOLDOUT: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def holdout_path(ctx: RunContext) -> Path | None:
+    """The coordinator's own held-out file: ``evaluation.holdout`` or the demo's."""
+    if ctx.config.evaluation.holdout:
+        return Path(ctx.config_path).parent / ctx.config.evaluation.holdout
+    demo = ctx.settings.holdout_file(ctx.config.federation)
+    return demo if demo.exists() else None
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_global(config: FederationConfig, weights: Weights, holdout: Path) -> EvalResult | None:
-    if not holdout.exists():
+def evaluate_global(ctx: RunContext, weights: Weights) -> dict[str, float] | None:
+    """Central evaluation on the coordinator's held-out set (when it has one)."""
+    holdout = holdout_path(ctx)
+    if holdout is None:
         return None
-    key = str(holdout)
-    if key not in _HOLDOUT:
-        data = load_site_data(holdout)
-        _HOLDOUT[key] = (torch.from_numpy(data.features), torch.from_numpy(data.labels))
-    model = build_model(config.model, seed=0)
+    data = load_dataset(holdout, ctx.config.data, ctx.preprocessor)
+    model = build_model(ctx.model, seed=0)
     model.load_state_dict(weights)
-    return evaluate(model, *_HOLDOUT[key])
+    return evaluate_model(model, data, ctx.config.evaluation, "coordinator", ctx.config.federation)
 
 
 @task(name="checkpoint", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 2, 5])
@@ -295,8 +308,11 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
             nonce=announced.nonce,
             global_sha256=announced.sha256,
             seed=derive_seed(config.seed, "train", round_, site),
-            model=config.model,
+            model=ctx.model,
             training=config.training,
+            data=config.data,
+            strategy=config.strategy,
+            preprocessing_sha256=ctx.preprocessing_sha256,
             context=run_context.current_fields(),
         )
         for site in selected
@@ -351,9 +367,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
             f"{config.selection.min_sites}; left out: "
             + "; ".join(f"{s} ({why})" for s, why in sorted(missing.items()))
         )
-    evaluation = _named(evaluate_global, round_, "evaluate")(
-        config, outcome.weights, ctx.settings.holdout_file(config.federation)
-    )
+    evaluation = _named(evaluate_global, round_, "evaluate")(ctx, outcome.weights)
     metrics: dict[str, float] = {
         "sites_selected": float(len(selected)),
         "sites_accepted": float(len(outcome.accepted)),
@@ -362,7 +376,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         "bytes_down": float(sum(done[s].nbytes_down for s in done)),
     }
     if evaluation is not None:
-        metrics.update(accuracy=evaluation.accuracy, loss=evaluation.loss)
+        metrics.update(evaluation)
     committed = _named(checkpoint, round_, "checkpoint")(
         ctx, round_, outcome.weights, strategy_state, metrics, sorted(outcome.accepted)
     )
@@ -394,11 +408,12 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         {**metrics, **site_metrics}, step=round_, wait=False
     )
     logger.info(
-        "round %d: %d/%d sites accepted, accuracy %s",
+        "round %d: %d/%d sites accepted, %s %s",
         round_,
         len(outcome.accepted),
         len(selected),
-        metrics.get("accuracy"),
+        config.evaluation.metric,
+        metrics.get(config.evaluation.metric),
     )
     return RoundSummary(
         round=round_,
@@ -419,6 +434,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
 def _start_checkpoint(
     store: ObjectStore,
     config: FederationConfig,
+    model_config: ModelConfig,
     run_id: str,
     config_sha256: str,
     initial: Weights | None = None,
@@ -434,7 +450,7 @@ def _start_checkpoint(
                 "resume it with the same config, or start a new run (omit --run-id)"
             )
         return found
-    model = build_model(config.model, seed=config.seed)
+    model = build_model(model_config, seed=config.seed)
     save_checkpoint(
         store,
         federation=config.federation,
@@ -448,6 +464,38 @@ def _start_checkpoint(
         config_sha256=config_sha256,
     )
     return load_checkpoint(store, config.federation, run_id, 0)
+
+
+def _set_up_preprocessing(
+    store: ObjectStore, config: FederationConfig, run_id: str, passed: dict[str, ContractReport]
+) -> tuple[Preprocessor | None, str | None]:
+    """Tables: merge the passing sites' summaries (each bounded by the rows its contract
+    checked) into the run's preprocessor, publish it for the sites. A resumed run keeps
+    the preprocessor it started with, so its rounds stay byte-identical."""
+    table = config.data.table
+    if config.data.kind != "table" or table is None:
+        return None, None
+    key = keys.preprocessing_key(config.federation, run_id)
+    try:
+        payload = store.get(key)
+        get_run_logger().info("run %s keeps its preprocessor from the first attempt", run_id)
+    except ObjectNotFound:
+        summaries = [
+            bound_summary(report.data_summary, table, report.row_count)
+            for _, report in sorted(passed.items())
+            if report.data_summary is not None
+        ]
+        if not summaries:
+            raise QuorumNotReached(
+                "no site sent a set-up summary: nothing to preprocess with"
+            ) from None
+        try:
+            preprocessor = merge_summaries(summaries, table)
+        except ValueError as exc:
+            raise ConfigError(f"federated preprocessing: {exc}") from exc
+        payload = preprocessor.model_dump_json().encode()
+        store.put(key, payload)
+    return Preprocessor.model_validate_json(payload), sha256_hex(payload)
 
 
 def _check_contracts(
@@ -538,10 +586,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
     store = open_store(settings.object_store)
     suite = json.loads((path.parent / config.contract).read_text())
     store.put(keys.contract_key(config.federation, run_id), json.dumps(suite).encode())
-
-    start = _start_checkpoint(store, config, run_id, config_sha256, lineage.initial_weights())
-    if start.round:
-        logger.info("resuming run %s from checkpoint round %d", run_id, start.round)
+    store.put(keys.data_spec_key(config.federation, run_id), config.data.model_dump_json().encode())
     tracker = RunTracker.start(
         settings.tracking_uri,
         config,
@@ -558,12 +603,27 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         if settings.tracking_uri.startswith("sqlite:")
         else None,
     )
-    if not start.round:
-        tracker.log_text(path.read_text(), "config/federation.yaml")
-        tracker.log_text(json.dumps(suite, indent=2), "config/contract.json")
     try:
         dispatcher.open_run(run_id, [site.name for site in config.sites])
         passed, excluded = _check_contracts(config, run_id)
+        preprocessor, preprocessing_sha256 = _set_up_preprocessing(store, config, run_id, passed)
+        model_config = resolve_model_config(
+            config.model,
+            preprocessor.n_features if preprocessor else None,
+            preprocessor.n_outputs if preprocessor else None,
+        )
+        start = _start_checkpoint(
+            store, config, model_config, run_id, config_sha256, lineage.initial_weights()
+        )
+        if start.round:
+            logger.info("resuming run %s from checkpoint round %d", run_id, start.round)
+        else:
+            tracker.log_text(path.read_text(), "config/federation.yaml")
+            tracker.log_text(json.dumps(suite, indent=2), "config/contract.json")
+            if preprocessor is not None:
+                tracker.log_text(
+                    preprocessor.model_dump_json(indent=2), "config/preprocessing.json"
+                )
         lineage.record_contracts(tracker, passed, excluded)
         if excluded:
             tracker.set_tags({"fedround.excluded_sites": json.dumps(excluded)[:5000]})
@@ -576,6 +636,9 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
             mlflow_run_id=tracker.mlflow_run_id,
             eligible=sorted(passed),
             max_examples={site: report.row_count for site, report in passed.items()},
+            model=model_config,
+            preprocessor=preprocessor,
+            preprocessing_sha256=preprocessing_sha256,
         )
         setup_seconds = time.perf_counter() - started
         summaries = _run_rounds(ctx, first=start.round + 1)
@@ -585,6 +648,8 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
             tracker,
             config,
             final.weights,
+            model_config=model_config,
+            preprocessor=preprocessor,
             parent=parent,
             version_tags={
                 **lineage_tags,
@@ -594,6 +659,9 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
                 "fedround.rounds": str(config.rounds),
                 "fedround.sites": ",".join(final.manifest.sites),
                 "fedround.accuracy": f"{final.manifest.metrics.get('accuracy', float('nan')):.4f}",
+                f"fedround.{config.evaluation.metric}": (
+                    f"{final.manifest.metrics.get(config.evaluation.metric, float('nan')):.4f}"
+                ),
             },
         )
     except BaseException:
@@ -601,7 +669,13 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         tracker.finish("FAILED")
         raise
     dispatcher.close_run("finished")
-    final_metrics = {k: v for k, v in final.manifest.metrics.items() if k in {"accuracy", "loss"}}
+    final_metrics = {
+        k: v
+        for k, v in final.manifest.metrics.items()
+        if not k.startswith(
+            ("sites_", "bytes_", "examples", "round_", "slowest_", "orchestration", "dispatch_")
+        )
+    }
     tracker.log_metrics({f"final_{k}": v for k, v in final_metrics.items()}, step=config.rounds)
     lineage.finish(
         tracker, [s.model_dump(mode="json") for s in summaries], time.perf_counter() - started
@@ -679,9 +753,11 @@ def _run_rounds(ctx: RunContext, first: int) -> list[RoundSummary]:
         for round_ in range(first, config.rounds + 1):
             summary = run_round(ctx, round_, pending_late)
             summaries.append(summary)
+            metric = config.evaluation.metric
             progress.set_postfix(
-                acc=f"{summary.metrics.get('accuracy', float('nan')):.3f}",
+                {metric[:8]: f"{summary.metrics.get(metric, float('nan')):.3f}"},
                 sites=f"{len(summary.accepted)}/{len(summary.selected)}",
+                refresh=False,
             )
             progress.update()
             update_progress_artifact(artifact, progress=100.0 * round_ / config.rounds)

@@ -1,8 +1,11 @@
 """The data contract, checked at the site with Great Expectations before it trains.
 
-The suite is the federation's (a GE suite in JSON); the data is the site's own. Only the
-:class:`ContractReport` (rule outcomes, counts, at most three sample values per rule)
-leaves the site.
+The suite is the federation's (a GE suite in JSON); the data is the site's own: for tables
+the real columns of the site's table, for arrays a per-example profile. Only the
+:class:`ContractReport` leaves the site: rule outcomes and counts, never a row value (the
+offending values GE finds are counted, not sent; observed values are sent only when they
+are a single number, e.g. a mean or a null fraction). For tables the report carries the
+set-up summary (per-column counts and sums) the federated preprocessing is merged from.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ from typing import Any
 
 import pandas as pd
 
+from fedround.tasks.core.config import DataConfig
 from fedround.tasks.core.contract_report import ContractReport, RuleResult
 from fedround.tasks.core.errors import ContractError
+from fedround.tasks.core.preprocessing import summarize_table
+from fedround.tasks.core.usercode import UserCodeError
 
-from .data import profile_frame, read_arrays
+from .data import DataError, contract_frame
 
 log = logging.getLogger(__name__)
-
-SAMPLE_VALUES = 3
 
 
 def _jsonable(value: Any) -> Any:
@@ -76,10 +80,7 @@ def validate_frame(frame: pd.DataFrame, suite: dict[str, Any], site: str) -> Con
                 success=bool(item.success),
                 arguments=kwargs,
                 unexpected_count=details.get("unexpected_count"),
-                unexpected_sample=_jsonable(details.get("partial_unexpected_list") or [])[
-                    :SAMPLE_VALUES
-                ],
-                observed=_jsonable(details.get("observed_value")),
+                observed=_aggregate_only(details.get("observed_value")),
                 error=error,
             )
         )
@@ -88,15 +89,43 @@ def validate_frame(frame: pd.DataFrame, suite: dict[str, Any], site: str) -> Con
     )
 
 
-def check_site_contract(data_file: Path, suite: dict[str, Any], site: str) -> ContractReport:
-    """Validate a site's data file; unreadable data is a failed contract, not a crash."""
+def _aggregate_only(value: Any) -> Any:
+    """An observed value may leave the site only when it is one number (not row values)."""
+    value = _jsonable(value)
+    return value if isinstance(value, int | float | bool) else None
+
+
+def check_site_contract(
+    data_file: Path, suite: dict[str, Any], site: str, data: DataConfig | None = None
+) -> ContractReport:
+    """Validate a site's data file; unreadable data is a failed contract, not a crash.
+
+    For a table that passes, the report carries the site's set-up summary.
+    """
+    data = data or DataConfig()
     name = str(suite.get("name", "contract"))
     try:
-        frame = profile_frame(read_arrays(data_file))
-    except (OSError, ValueError) as exc:
+        frame = contract_frame(data_file, data)
+    except (OSError, ValueError, DataError, UserCodeError) as exc:
         log.warning("site %s: cannot read %s: %s", site, data_file, exc)
         failure = RuleResult(rule="readable_data", success=False, error=f"{data_file.name}: {exc}")
         return ContractReport(site=site, suite=name, success=False, row_count=0, results=[failure])
     report = validate_frame(frame, suite, site)
+    if report.success and data.kind == "table" and data.table is not None:
+        declared = [*data.table.features, data.table.label]
+        missing = [c for c in declared if c not in frame.columns]
+        if missing:
+            failure = RuleResult(
+                rule="declared_columns",
+                success=False,
+                error=f"columns {missing} declared in the federation's data.table are missing "
+                f"(columns present: {sorted(map(str, frame.columns))})",
+            )
+            report = report.model_copy(
+                update={"success": False, "results": [*report.results, failure]}
+            )
+        else:
+            summary = summarize_table(frame, data.table)
+            report = report.model_copy(update={"data_summary": summary})
     log.info(report.summary())
     return report

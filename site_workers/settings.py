@@ -17,7 +17,13 @@ class SiteSettings(BaseModel):
 
     site: Name
     federation: Name
-    data_dir: Path = Field(description="folder holding train.npz (and test.npz, if any)")
+    data_dir: Path = Field(description="folder holding the site's data files")
+    train_file: str = Field(
+        "train.npz", description="the training file in data_dir (.npz, .parquet, .csv)"
+    )
+    test_file: str | None = Field(
+        "test.npz", description="the held-out file in data_dir for federated evaluation"
+    )
     object_store: ObjectStoreSettings
     threads: int = Field(1, ge=1, description="torch threads for local training")
     work_pool: str | None = Field(None, description="defaults to '<federation>-<site>'")
@@ -26,6 +32,14 @@ class SiteSettings(BaseModel):
     @property
     def pool(self) -> str:
         return self.work_pool or f"{self.federation}-{self.site}"
+
+    @property
+    def train_path(self) -> Path:
+        return self.data_dir / self.train_file
+
+    @property
+    def test_path(self) -> Path | None:
+        return self.data_dir / self.test_file if self.test_file else None
 
 
 def load_site_settings(path: Path) -> SiteSettings:

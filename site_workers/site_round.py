@@ -8,10 +8,10 @@ leaves the site); its output is metadata only.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,17 +19,33 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedround.tasks import run_context
 from fedround.tasks.core import keys
-from fedround.tasks.core.config import ModelConfig, TrainingConfig
+from fedround.tasks.core.config import (
+    DataConfig,
+    EvaluationConfig,
+    ModelConfig,
+    StrategyConfig,
+    TrainingConfig,
+)
 from fedround.tasks.core.contract_report import ContractReport
-from fedround.tasks.core.errors import FedroundError
-from fedround.tasks.core.evaluation import evaluate
+from fedround.tasks.core.errors import FedroundError, ObjectNotFound
+from fedround.tasks.core.evaluation import builtin_metrics
+from fedround.tasks.core.hooks import apply_update_hooks, hooks_for
 from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.models import build_model
+from fedround.tasks.core.preprocessing import Preprocessor
 from fedround.tasks.core.serialization import sha256_hex, weights_from_bytes, weights_to_bytes
+from fedround.tasks.core.usercode import (
+    RoundContext,
+    UserCodeError,
+    call_user,
+    check_metrics,
+    load_callable,
+    load_weights,
+)
 from fedround.tasks.object_store import ObjectStore, open_store
 
 from .contract import check_site_contract
-from .data import TEST_FILE, TRAIN_FILE, load_site_data
+from .data import load_dataset
 from .settings import SiteSettings
 from .training import train_locally
 
@@ -51,6 +67,10 @@ class RoundSpec(BaseModel):
     seed: int
     model: ModelConfig
     training: TrainingConfig
+    data: DataConfig = DataConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    # The run's federated preprocessor (tables): the site fetches it and checks this digest.
+    preprocessing_sha256: str | None = None
     # Federation context (tenant, config revision, ...): MLflow runs the site's code starts
     # get it as tags through the fedround MLflow plugin.
     context: dict[str, str] = Field(default_factory=dict)
@@ -85,6 +105,11 @@ class EvalSpec(BaseModel):
     model_key: str
     model_sha256: str
     model: ModelConfig
+    data: DataConfig = DataConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    # For tables: the preprocessor the model was trained with (JSON in the store) and digest.
+    preprocessing_key: str | None = None
+    preprocessing_sha256: str | None = None
 
 
 class SiteEvalResult(BaseModel):
@@ -95,6 +120,7 @@ class SiteEvalResult(BaseModel):
     num_examples: int = 0
     loss: float | None = None
     accuracy: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
 
@@ -104,14 +130,18 @@ class SiteError(FedroundError):
 
 
 @lru_cache(maxsize=8)
-def _tensors(data_file: Path, mtime_ns: int) -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_site_data(data_file)
-    return torch.from_numpy(data.features), torch.from_numpy(data.labels)
+def _preprocessor(payload: bytes) -> Preprocessor:
+    return Preprocessor.model_validate_json(payload)
 
 
-def _site_tensors(settings: SiteSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    data_file = settings.data_dir / TRAIN_FILE
-    return _tensors(data_file, data_file.stat().st_mtime_ns)
+def fetch_preprocessor(store: ObjectStore, key: str, sha256: str | None) -> Preprocessor | None:
+    """The run's federated preprocessor, checked against the digest the coordinator sent."""
+    if sha256 is None:
+        return None
+    payload = store.get(key)
+    if sha256_hex(payload) != sha256:
+        raise SiteError(f"preprocessor {key} does not match its announced sha256: refusing it")
+    return _preprocessor(payload)
 
 
 def check_serves(settings: SiteSettings, federation: str, site: str) -> None:
@@ -150,15 +180,33 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
     )
     store = _store(settings)
     global_weights, nbytes_down = fetch_global(store, spec)
+    preprocessor = fetch_preprocessor(
+        store, keys.preprocessing_key(spec.federation, spec.run_id), spec.preprocessing_sha256
+    )
     model = build_model(spec.model, seed=0)
-    model.load_state_dict(global_weights)
-    features, labels = _site_tensors(settings)
-    local = train_locally(model, features, labels, spec.training, spec.seed)
+    load_weights(model, global_weights, spec.model.import_path)
+    data = load_dataset(settings.train_path, spec.data, preprocessor)
+    if not len(data):
+        raise SiteError(f"{settings.train_path.name} has no usable rows (labels missing?)")
+    context = RoundContext(
+        federation=spec.federation,
+        run_id=spec.run_id,
+        site=spec.site,
+        round=spec.round,
+        seed=spec.seed,
+        task=data.task,
+        num_classes=data.num_classes,
+    )
+    hooks = hooks_for(spec.strategy, global_weights)
+    local = train_locally(model, data, spec.training, context, hooks)
+    unexpected = sorted(set(local.weights) ^ set(global_weights))
+    if unexpected:
+        raise UserCodeError(f"training changed the model's parameter names: {unexpected[:5]}")
     delta = {name: local.weights[name] - global_weights[name] for name in global_weights}
+    delta = apply_update_hooks(hooks, delta)
     payload = weights_to_bytes(delta)
     metrics = {
-        "train_loss": local.loss,
-        "train_accuracy": local.accuracy,
+        **local.metrics,
         "train_seconds": local.seconds,
         "bytes_down": float(nbytes_down),
     }
@@ -182,7 +230,7 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
     store.put(manifest_key, manifest.to_json())
     seconds = time.perf_counter() - started
     log.info(
-        "site %s round %d: %d examples, loss %.4f, %d bytes up",
+        "site %s round %d: %d examples, train loss %.4f, %d bytes up",
         spec.site,
         spec.round,
         local.num_examples,
@@ -203,13 +251,22 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
     )
 
 
-def run_site_contract(settings: SiteSettings, federation: str, run_id: str) -> ContractReport:
-    """Fetch the federation's suite for this run and check the site's data against it."""
-    import json
+def fetch_data_spec(store: ObjectStore, federation: str, run_id: str) -> DataConfig:
+    """The run's data declaration (older runs without one: the demo's arrays)."""
+    try:
+        return DataConfig.model_validate_json(store.get(keys.data_spec_key(federation, run_id)))
+    except ObjectNotFound:
+        return DataConfig()
 
+
+def run_site_contract(settings: SiteSettings, federation: str, run_id: str) -> ContractReport:
+    """Fetch the federation's suite and data declaration for this run and check the site's
+    data against it; for tables the report also carries the set-up summary (counts and
+    sums per column, never rows)."""
     store = _store(settings)
     suite: dict[str, Any] = json.loads(store.get(keys.contract_key(federation, run_id)))
-    return check_site_contract(settings.data_dir / TRAIN_FILE, suite, settings.site)
+    data = fetch_data_spec(store, federation, run_id)
+    return check_site_contract(settings.train_path, suite, settings.site, data)
 
 
 def run_site_evaluation(settings: SiteSettings, spec: EvalSpec) -> SiteEvalResult:
@@ -217,18 +274,49 @@ def run_site_evaluation(settings: SiteSettings, spec: EvalSpec) -> SiteEvalResul
     started = time.perf_counter()
     check_serves(settings, spec.federation, spec.site)
     torch.set_num_threads(settings.threads)
-    payload = _store(settings).get(spec.model_key)
+    store = _store(settings)
+    payload = store.get(spec.model_key)
     if sha256_hex(payload) != spec.model_sha256:
         raise SiteError(f"model {spec.model_key} does not match its announced sha256")
+    preprocessor = (
+        fetch_preprocessor(store, spec.preprocessing_key, spec.preprocessing_sha256)
+        if spec.preprocessing_key
+        else None
+    )
     model = build_model(spec.model, seed=0)
-    model.load_state_dict(weights_from_bytes(payload))
-    data = load_site_data(settings.data_dir / TEST_FILE)
-    result = evaluate(model, torch.from_numpy(data.features), torch.from_numpy(data.labels))
+    load_weights(model, weights_from_bytes(payload), spec.model.import_path)
+    if settings.test_path is None:
+        raise SiteError(f"site {settings.site} has no test_file for evaluation in site.yaml")
+    data = load_dataset(settings.test_path, spec.data, preprocessor)
+    metrics = evaluate_model(model, data, spec.evaluation, settings.site, spec.federation)
     return SiteEvalResult(
         site=spec.site,
         ok=True,
-        num_examples=result.num_examples,
-        loss=result.loss,
-        accuracy=result.accuracy,
+        num_examples=len(data),
+        loss=metrics.get("loss"),
+        accuracy=metrics.get("accuracy"),
+        metrics=metrics,
         seconds=time.perf_counter() - started,
     )
+
+
+def evaluate_model(
+    model: torch.nn.Module, data: Any, evaluation: EvaluationConfig, site: str, federation: str
+) -> dict[str, float]:
+    """The federation's ``evaluate`` (checked at the boundary) or the built-in metrics."""
+    if evaluation.evaluate is None:
+        return builtin_metrics(model, data)
+    who = f"evaluate function {evaluation.evaluate}"
+    function = load_callable(evaluation.evaluate, "evaluate function")
+    context = RoundContext(
+        federation=federation,
+        run_id="",
+        site=site,
+        round=0,
+        seed=0,
+        task=data.task,
+        num_classes=data.num_classes,
+    )
+    model.eval()
+    with torch.no_grad():
+        return check_metrics(call_user(function, who, model, data, context), who)

@@ -1,8 +1,13 @@
-"""Local training at a site: plain torch, seeded, no I/O."""
+"""Local training at a site: fedround's supervised loop, or the federation's own ``train``,
+with the strategy's client hooks installed either way. Plain torch, seeded, no I/O."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -10,55 +15,154 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedround.tasks.core.config import TrainingConfig
+from fedround.tasks.core.hooks import ClientHook, hooks_installed
 from fedround.tasks.core.serialization import Weights
+from fedround.tasks.core.usercode import (
+    RoundContext,
+    SiteDataset,
+    UserCodeError,
+    call_user,
+    check_metrics,
+    load_callable,
+)
 
 
 @dataclass(frozen=True)
 class LocalTrainingResult:
     weights: Weights
     num_examples: int
-    loss: float
-    accuracy: float
+    metrics: dict[str, float]
     seconds: float
 
+    @property
+    def loss(self) -> float:
+        return self.metrics.get("train_loss", float("nan"))
 
-def train_locally(
-    model: nn.Module,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    config: TrainingConfig,
-    seed: int,
-) -> LocalTrainingResult:
-    """SGD over the site's data for ``config.local_epochs`` epochs, shuffled by ``seed``.
+    @property
+    def accuracy(self) -> float:
+        return self.metrics.get("train_accuracy", float("nan"))
 
-    The loss and accuracy are over the last epoch's mini-batches (training metrics).
+
+def loss_function(config: TrainingConfig, task: str) -> str:
+    if config.loss != "auto":
+        return config.loss
+    return "cross_entropy" if task == "classification" else "mse"
+
+
+def _loss(kind: str, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if kind == "cross_entropy":
+        return F.cross_entropy(outputs, target)
+    predictions = outputs.reshape(-1)
+    if kind == "l1":
+        return F.l1_loss(predictions, target.reshape(-1))
+    return F.mse_loss(predictions, target.reshape(-1))
+
+
+def supervised_loop(
+    model: nn.Module, data: SiteDataset, config: TrainingConfig, seed: int
+) -> dict[str, float]:
+    """Mini-batch training for ``config.local_epochs`` epochs, shuffled by ``seed``.
+
+    The returned loss (and accuracy, for classification) is over the last epoch's batches.
     """
-    started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.learning_rate, momentum=config.momentum
-    )
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(
+            parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            parameters,
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    kind = loss_function(config, data.task)
+    classify = kind == "cross_entropy"
     model.train()
+    features, labels = data.features, data.labels
     n = len(labels)
-    total_loss = 0.0
-    correct = 0
+    total_loss, correct = 0.0, 0
     for _ in range(config.local_epochs):
         total_loss, correct = 0.0, 0
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, config.batch_size):
             batch = order[start : start + config.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            logits = model(features[batch])
-            loss = F.cross_entropy(logits, labels[batch])
+            outputs = model(features[batch])
+            loss = _loss(kind, outputs, labels[batch])
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(batch)
-            correct += int((logits.argmax(dim=1) == labels[batch]).sum())
+            if classify:
+                correct += int((outputs.argmax(dim=1) == labels[batch]).sum())
+    metrics = {"train_loss": total_loss / max(n, 1)}
+    if classify:
+        metrics["train_accuracy"] = correct / max(n, 1)
+    return metrics
+
+
+@contextmanager
+def time_limit(seconds: float | None, what: str) -> Iterator[None]:
+    """Interrupt ``what`` after ``seconds`` (a hung user function, for example).
+
+    Uses a real-time timer signal, so it works where the training runs on a process's main
+    thread (the embedded worker processes); elsewhere the round's deadline applies.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise UserCodeError(f"{what} did not finish within training.timeout_s = {seconds:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def train_locally(
+    model: nn.Module,
+    data: SiteDataset,
+    config: TrainingConfig,
+    context: RoundContext,
+    hooks: Sequence[ClientHook] = (),
+) -> LocalTrainingResult:
+    """Train ``model`` in place with the federation's ``train`` (or the supervised loop),
+    the strategy's hooks routed through every gradient; return its weights and metrics.
+
+    Whatever the user's function does wrong (raises, hangs past ``timeout_s``, returns
+    garbage, leaves NaN weights) ends in a :class:`UserCodeError` naming it.
+    """
+    started = time.perf_counter()
+    who = f"train function {config.train}" if config.train else "fedround's training loop"
+    with hooks_installed(model, hooks), time_limit(config.timeout_s, who):
+        if config.train:
+            function = load_callable(config.train, "train function")
+            raw = call_user(function, who, model, data, config, context)
+            metrics = {
+                f"train_{k}" if not k.startswith("train_") else k: v
+                for k, v in check_metrics(raw, who).items()
+            }
+        else:
+            metrics = supervised_loop(model, data, config, context.seed)
     weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    bad = sorted(
+        name
+        for name, t in weights.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    )
+    if bad:
+        raise UserCodeError(f"{who} left non-finite weights in {bad[:5]} (NaN or inf)")
     return LocalTrainingResult(
         weights=weights,
-        num_examples=n,
-        loss=total_loss / max(n, 1),
-        accuracy=correct / max(n, 1),
+        num_examples=len(data),
+        metrics=metrics,
         seconds=time.perf_counter() - started,
     )

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .preprocessing import SiteSummary
+
 
 class RuleResult(BaseModel):
     """The outcome of one rule (one Great Expectations expectation)."""
@@ -17,8 +19,7 @@ class RuleResult(BaseModel):
     success: bool
     arguments: dict[str, Any] = Field(default_factory=dict)
     unexpected_count: int | None = None
-    # At most a handful of offending values (never whole rows) to make the message useful.
-    unexpected_sample: list[Any] = Field(default_factory=list)
+    # No row values ever: the offending values are counted at the site, not sent.
     observed: Any = None
     error: str | None = None
 
@@ -31,8 +32,6 @@ class RuleResult(BaseModel):
             return f"{text}: {self.error}"
         if self.unexpected_count:
             text += f": {self.unexpected_count} rows"
-            if self.unexpected_sample:
-                text += f", e.g. {self.unexpected_sample[:3]}"
         elif self.observed is not None:
             text += f": observed {self.observed}"
         return text
@@ -48,6 +47,8 @@ class ContractReport(BaseModel):
     success: bool
     row_count: int
     results: list[RuleResult]
+    # Tables: the set-up summary (per-column counts and sums) for federated preprocessing.
+    data_summary: SiteSummary | None = None
 
     @property
     def failures(self) -> list[RuleResult]:

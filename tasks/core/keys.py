@@ -33,6 +33,16 @@ def contract_key(federation: str, run_id: str) -> str:
     return f"{site_read_prefix(federation)}{run_id}/contract.json"
 
 
+def data_spec_key(federation: str, run_id: str) -> str:
+    """The run's data declaration (kind, table columns, loader): what sites read and check."""
+    return f"{site_read_prefix(federation)}{run_id}/data.json"
+
+
+def preprocessing_key(federation: str, run_id: str) -> str:
+    """The run's federated preprocessor (tables), merged from the sites' summaries."""
+    return f"{site_read_prefix(federation)}{run_id}/preprocessing.json"
+
+
 def global_prefix(federation: str, run_id: str, round_: int) -> str:
     return f"{site_read_prefix(federation)}{run_id}/round-{round_:04d}/"
 
@@ -78,6 +88,11 @@ def checkpoint_rounds(keys: list[str]) -> list[int]:
 def evaluation_model_key(federation: str, evaluation_id: str, label: str) -> str:
     """A model published for federated evaluation (e.g. ``candidate`` or ``production``)."""
     return f"{site_read_prefix(federation)}evaluations/{evaluation_id}/{label}.safetensors"
+
+
+def evaluation_preprocessing_key(federation: str, evaluation_id: str, label: str) -> str:
+    """The preprocessor of a table model published for federated evaluation (JSON)."""
+    return f"{site_read_prefix(federation)}evaluations/{evaluation_id}/{label}.preprocessing.json"
 
 
 # --- the control plane of a distributed run (small JSON objects) -------------------------

@@ -1,4 +1,7 @@
-"""Model architectures a federation can train, built from the typed model config."""
+"""Built-in model factories: the MNIST demo's CNN, and an MLP and logistic regression for
+tables. A federation names them (``factory: mlp``) exactly as it names a user's own
+factory (``factory: my_package.models:build``); see :mod:`fedround.tasks.core.usercode`.
+"""
 
 from __future__ import annotations
 
@@ -35,11 +38,42 @@ class MnistCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))  # type: ignore[no-any-return]
 
 
-def build_model(config: ModelConfig, seed: int) -> MnistCNN:
-    """A freshly initialised model; the same seed gives the same initial weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MnistCNN(config.conv1, config.conv2, config.hidden)
+def mnist_cnn(conv1: int = 16, conv2: int = 32, hidden: int = 64) -> nn.Module:
+    """The demo's CNN on raw 0–255 pixels (784 per image), ten classes."""
+    return MnistCNN(conv1, conv2, hidden)
+
+
+def mlp(
+    in_features: int, out_features: int, hidden: list[int] | int = 64, dropout: float = 0.0
+) -> nn.Module:
+    """A multilayer perceptron with ReLU: ``in_features`` → hidden layers → ``out_features``."""
+    sizes = [hidden] if isinstance(hidden, int) else list(hidden)
+    layers: list[nn.Module] = []
+    width = in_features
+    for size in sizes:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = size
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+def logistic_regression(in_features: int, out_features: int) -> nn.Module:
+    """One linear layer: logits for classification (softmax / logistic regression), or the
+    prediction for regression (linear regression)."""
+    return nn.Linear(in_features, out_features)
+
+
+def build_model(config: ModelConfig, seed: int) -> nn.Module:
+    """A freshly initialised model from its factory; the same seed gives the same weights.
+
+    Imports the factory named by the config (a built-in or the user's): see
+    :func:`fedround.tasks.core.usercode.build_user_model` for the checks on what it returns.
+    """
+    from .usercode import build_user_model
+
+    return build_user_model(config, seed)
 
 
 def count_parameters(weights: Weights) -> int:

@@ -42,7 +42,8 @@ def test_label_out_of_set_names_the_column_and_the_rule(tmp_path: Path, good) ->
     assert not report.success
     [failure] = report.failures
     assert (failure.column, failure.rule) == ("label", "expect_column_values_to_be_in_set")
-    assert failure.unexpected_count == 2 and failure.unexpected_sample == [11, 11]
+    assert failure.unexpected_count == 2
+    assert "11" not in failure.model_dump_json()  # the offending values never leave the site
     summary = report.summary()
     assert "site site-b fails data contract 'mnist-site-data'" in summary
     assert "column 'label' broke expect_column_values_to_be_in_set" in summary
