@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 # install's import hook, so give them a view of the tree under the installed name `fedround`.
 view="build/src-view"
 rm -rf "$view" && mkdir -p "$view/fedround"
-for package in flows tasks site_workers mlflow_plugins; do
+for package in api flows tasks site_workers mlflow_plugins; do
   ln -s "$PWD/$package" "$view/fedround/$package"
 done
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 MYPYPATH="$view" .venv/bin/mypy --cache-dir build/mypy-cache \
-  -p fedround.tasks -p fedround.flows -p fedround.site_workers -p fedround.mlflow_plugins
+  -p fedround.api -p fedround.tasks -p fedround.flows -p fedround.site_workers -p fedround.mlflow_plugins
 PYTHONPATH="$view" .venv/bin/lint-imports --no-cache
