@@ -181,6 +181,20 @@ def test_dockerfile_copies_what_exists() -> None:
                     assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
 
 
+def test_dockerfile_copies_every_installed_package() -> None:
+    import tomllib
+
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ].values()
+    copied = {
+        line.split()[1]
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    }
+    assert set(package_dirs) <= copied, f"not copied into the image: {set(package_dirs) - copied}"
+
+
 # --- kubernetes -------------------------------------------------------------------------
 
 
