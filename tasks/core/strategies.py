@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .fedavg import FedAvg
+from .fedprox import FedProx
 from .strategy import Strategy
 
-STRATEGIES: dict[str, type[Strategy]] = {FedAvg.name: FedAvg}
+STRATEGIES: dict[str, type[Strategy]] = {FedAvg.name: FedAvg, FedProx.name: FedProx}
 
 
 def build_strategy(name: str) -> Strategy:

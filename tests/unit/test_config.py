@@ -78,3 +78,156 @@ def test_schedule_is_validated() -> None:
         parse_federation_config(MINIMAL + "schedule: {timezone: Mars/Olympus}\n")
     with pytest.raises(ConfigError, match="five fields"):
         parse_federation_config(MINIMAL + "schedule: {cron: '@daily'}\n")
+
+
+# model, data, training, evaluation and strategy sections -------------------------------------
+
+TABLE_DATA = (
+    "data: {kind: table, source: sites, table: {features: [age, city], categorical: [city], "
+    "label: y}}\n"
+)
+
+
+def test_legacy_model_spelling_still_builds_the_cnn() -> None:
+    config = parse_federation_config(MINIMAL + "model: {architecture: mnist_cnn}\n")
+    assert config.model.factory == "mnist_cnn"
+    assert config.model.import_path == "fedround.tasks.core.models:mnist_cnn"
+    assert config.model.kwargs == {"conv1": 16, "conv2": 32, "hidden": 64}
+    assert config.model == parse_federation_config(MINIMAL).model
+
+
+def test_model_keys_other_than_factory_are_its_keyword_arguments() -> None:
+    config = parse_federation_config(
+        MINIMAL + "model: {factory: mlp, hidden: [16], in_features: 8}\n"
+    )
+    assert config.model.kwargs == {"hidden": [16], "in_features": 8, "dropout": 0.0}
+    user = parse_federation_config(MINIMAL + "model: {factory: 'acme.nets:build', width: 3}\n")
+    assert (user.model.import_path, user.model.kwargs) == ("acme.nets:build", {"width": 3})
+    assert user.model.with_kwargs(in_features=4).kwargs == {"width": 3, "in_features": 4}
+
+
+@pytest.mark.parametrize("factory", ["resnet", "acme.nets", "acme nets:build", "acme.nets:"])
+def test_an_unknown_factory_format_names_the_field(factory: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_federation_config(MINIMAL + f"model: {{factory: '{factory}'}}\n", "fed.yaml")
+    message = str(info.value)
+    assert message.startswith("fed.yaml: model:")
+    assert f"factory {factory!r} is neither a built-in" in message
+    assert "'my_package.models:build'" in message
+
+
+def test_model_arguments_must_be_identifiers() -> None:
+    with pytest.raises(
+        ConfigError, match=r"model: .*must be Python identifiers, got \['bad-key'\]"
+    ):
+        parse_federation_config(MINIMAL + "model: {factory: mlp, bad-key: 1}\n")
+
+
+def test_user_function_paths_are_checked_where_they_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"fed\.yaml: training\.train: String should match"):
+        parse_federation_config(MINIMAL + "training: {train: acme.train}\n", "fed.yaml")
+    with pytest.raises(ConfigError, match=r"evaluation\.evaluate: String should match"):
+        parse_federation_config(MINIMAL + "evaluation: {evaluate: 'acme:'}\n")
+    config = parse_federation_config(
+        MINIMAL + "training: {train: 'acme.fit:train', timeout_s: 30}\n"
+    )
+    assert (config.training.train, config.training.timeout_s) == ("acme.fit:train", 30)
+
+
+def test_a_table_federation_parses() -> None:
+    config = parse_federation_config(MINIMAL + TABLE_DATA + "model: {factory: mlp}\n")
+    assert config.data.table is not None
+    assert config.data.table.numeric_features == ["age"]
+    assert config.data.table.min_category_count == 5
+
+
+def test_table_data_without_a_table_section_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"fed\.yaml: data: .*kind: table needs a table section"):
+        parse_federation_config(MINIMAL + "data: {kind: table, source: sites}\n", "fed.yaml")
+
+
+def test_a_table_section_needs_table_data_from_sites() -> None:
+    with pytest.raises(ConfigError, match="a table section needs kind: table"):
+        parse_federation_config(
+            MINIMAL + "data: {source: sites, table: {features: [a], label: y}}\n"
+        )
+    with pytest.raises(ConfigError, match="use source: sites for tables"):
+        parse_federation_config(MINIMAL + "data: {kind: table, table: {features: [a], label: y}}\n")
+
+
+def test_categorical_columns_must_be_features() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.table: .*categorical names columns that are not in features: \['zip'\]",
+    ):
+        parse_federation_config(
+            MINIMAL + "data: {kind: table, source: sites, table: "
+            "{features: [age], categorical: [zip], label: y}}\n"
+        )
+
+
+def test_the_label_cannot_be_a_feature() -> None:
+    with pytest.raises(ConfigError, match=r"data\.table: .*label 'y' is also listed in features"):
+        parse_federation_config(
+            MINIMAL + "data: {kind: table, source: sites, table: {features: [age, y], label: y}}\n"
+        )
+    with pytest.raises(ConfigError, match=r"features lists columns more than once: \['age'\]"):
+        parse_federation_config(
+            MINIMAL
+            + "data: {kind: table, source: sites, table: {features: [age, age], label: y}}\n"
+        )
+
+
+def test_an_unknown_metric_needs_a_direction() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_federation_config(MINIMAL + "evaluation: {metric: brier}\n", "fed.yaml")
+    message = str(info.value)
+    assert message.startswith("fed.yaml: evaluation:")
+    assert "metric 'brier' has no known direction: add evaluation.directions" in message
+    config = parse_federation_config(
+        MINIMAL + "evaluation: {metric: brier, directions: {brier: lower}}\n"
+    )
+    assert config.metric_direction() == "lower"
+    assert config.promotion_metric == "brier"
+
+
+def test_known_metrics_have_their_direction() -> None:
+    config = parse_federation_config(MINIMAL + "evaluation: {metric: rmse}\n")
+    assert config.metric_direction() == "lower"
+    assert config.metric_direction("auc") == "higher"
+    overridden = parse_federation_config(
+        MINIMAL + "evaluation: {metric: loss, directions: {loss: higher}}\n"
+    )
+    assert overridden.metric_direction() == "higher"
+
+
+def test_a_promotion_metric_without_a_direction_is_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"promotion\.metric: metric 'calibration' has no known direction"
+    ):
+        parse_federation_config(MINIMAL + "promotion: {metric: calibration}\n")
+    config = parse_federation_config(MINIMAL + "promotion: {metric: f1}\n")
+    assert (config.promotion_metric, config.metric_direction()) == ("f1", "higher")
+
+
+def test_fedprox_needs_mu_and_mu_needs_fedprox() -> None:
+    with pytest.raises(ConfigError, match=r"strategy: .*fedprox needs mu > 0"):
+        parse_federation_config(MINIMAL + "strategy: {name: fedprox}\n")
+    with pytest.raises(ConfigError, match=r"strategy: .*mu applies to fedprox only"):
+        parse_federation_config(MINIMAL + "strategy: {mu: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"strategy\.mu: "):
+        parse_federation_config(MINIMAL + "strategy: {name: fedprox, mu: -1}\n")
+    config = parse_federation_config(MINIMAL + "strategy: {name: fedprox, mu: 0.01}\n")
+    assert (config.strategy.name, config.strategy.mu) == ("fedprox", 0.01)
+
+
+def test_a_table_with_the_mnist_cnn_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"model\.factory: mnist_cnn takes 28×28 images"):
+        parse_federation_config(MINIMAL + TABLE_DATA)
+
+
+def test_site_entries_may_name_their_site_config() -> None:
+    config = parse_federation_config(
+        "federation: f\ncontract: c\nsites: [{name: a, config: sites/a/site.yaml}]\n"
+    )
+    assert config.sites[0].config == "sites/a/site.yaml"

@@ -1,0 +1,18 @@
+"""FedProx at the coordinator: the example-weighted mean of site updates, as FedAvg.
+
+Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020. FedProx changes
+only the sites' local objective (a proximal term μ/2·‖w − w_global‖², added to every
+gradient by :class:`fedround.tasks.core.hooks.ProximalTerm`); the server aggregates the
+resulting updates exactly as FedAvg does.
+"""
+
+from __future__ import annotations
+
+from .fedavg import FedAvg
+
+
+class FedProx(FedAvg):
+    """Server side of FedProx: new global = global + Σ nₖ·Δₖ / Σ nₖ (the proximal term
+    acts at the sites, through the client hook)."""
+
+    name = "fedprox"
