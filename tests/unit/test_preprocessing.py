@@ -209,7 +209,7 @@ def test_bound_summary_clips_an_inflated_row_count_and_scales_its_sums() -> None
     assert bounded.numeric["age"].sum == pytest.approx(5000.0)
     assert bounded.numeric["age"].sum_sq == pytest.approx(250000.0)
     assert bounded.categories == {"city": {"x": 100}}
-    assert bounded.labels == {"0": 100, "1": 5}
+    assert bounded.labels == {"0": 95, "1": 4}  # 105 label counts scaled to 100 rows
     assert merged.means["age"] == pytest.approx(30.0)  # (100·50 + 100·10) / 200
     assert merged.rows == 200
 
@@ -223,7 +223,7 @@ def test_bound_summary_drops_non_finite_stats_undeclared_columns_and_long_names(
             "salary": ColumnStats(count=3, sum=3.0, sum_sq=3.0),  # not a declared feature
         },
         categories={"city": {"z" * 5000: 3}, "secret": {"a": 3}},
-        labels={"0": 1, "1": 2, "q" * 5000: 1},
+        labels={"0": 1, "1": 1, "q" * 5000: 1},
     )
 
     bounded = bound_summary(claim, TABLE, max_rows=3)
@@ -252,3 +252,25 @@ def test_preprocessor_roundtrips_through_json_with_the_same_digest() -> None:
     again = type(prep).model_validate_json(prep.model_dump_json())
     assert again == prep and again.sha256() == prep.sha256()
     assert len(prep.sha256()) == 64
+
+
+def test_a_site_cannot_claim_more_category_or_label_counts_than_rows() -> None:
+    # Prepare: a site whose contract checked 10 rows claims 10 of each of three categories
+    # (30 rows' worth) to push 'c' past min_category_count at the honest site's expense
+    table = TABLE.model_copy(update={"min_category_count": 8})
+    claim = SiteSummary(
+        rows=10,
+        categories={"city": {"a": 10, "b": 10, "c": 10}},
+        labels={"0": 10, "1": 10},
+    )
+    honest = summarize_table(frame([1.0] * 4, [1.0] * 4, ["c"] * 4, [0, 1, 0, 1]), table)
+
+    # Execute
+    bounded = bound_summary(claim, table, max_rows=10)
+    merged = merge_summaries([bounded, honest], table)
+
+    # Assert: per column, the counts add up to at most the rows checked
+    assert sum(bounded.categories["city"].values()) <= 10
+    assert sum(bounded.labels.values()) <= 10
+    assert bounded.categories["city"] == {"a": 3, "b": 3, "c": 3}
+    assert merged.vocabularies["city"] == []  # c: 3 + 4 = 7 < 8
