@@ -38,6 +38,11 @@ quiet_pip install --quiet torch==2.13.0
 target="."
 [ -n "$extras" ] && target=".[${extras}]"
 quiet_pip install --quiet -c requirements.lock -e "$target"
+if [[ ",$extras," == *,test,* || ",$extras," == *,flower,* ]]; then
+  # flwr's metadata caps fastapi, typer, protobuf, ... below what prefect and fedround pin
+  # (for its own server and CLI); its client API needs none of that: see pyproject.toml.
+  quiet_pip install --quiet --no-deps -c requirements.lock flwr
+fi
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "fedround: .venv ready" >&2

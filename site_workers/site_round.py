@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ from fedround.tasks.object_store import ObjectStore, open_store
 
 from .contract import check_site_contract
 from .data import load_dataset
+from .flower import flower_client
 from .settings import SiteSettings
 from .training import train_locally
 
@@ -196,6 +198,7 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         seed=spec.seed,
         task=data.task,
         num_classes=data.num_classes,
+        extra={"data_path": str(settings.train_path)},
     )
     hooks = hooks_for(spec.strategy, global_weights)
     local = train_locally(model, data, spec.training, context, hooks)
@@ -288,7 +291,9 @@ def run_site_evaluation(settings: SiteSettings, spec: EvalSpec) -> SiteEvalResul
     if settings.test_path is None:
         raise SiteError(f"site {settings.site} has no test_file for evaluation in site.yaml")
     data = load_dataset(settings.test_path, spec.data, preprocessor)
-    metrics = evaluate_model(model, data, spec.evaluation, settings.site, spec.federation)
+    metrics = evaluate_model(
+        model, data, spec.evaluation, settings.site, spec.federation, settings.test_path
+    )
     return SiteEvalResult(
         site=spec.site,
         ok=True,
@@ -301,13 +306,18 @@ def run_site_evaluation(settings: SiteSettings, spec: EvalSpec) -> SiteEvalResul
 
 
 def evaluate_model(
-    model: torch.nn.Module, data: Any, evaluation: EvaluationConfig, site: str, federation: str
+    model: torch.nn.Module,
+    data: Any,
+    evaluation: EvaluationConfig,
+    site: str,
+    federation: str,
+    data_path: Path | None = None,
 ) -> dict[str, float]:
-    """The federation's ``evaluate`` (checked at the boundary) or the built-in metrics."""
+    """The federation's ``evaluate`` (checked at the boundary), a Flower client's
+    ``evaluate`` (see :mod:`.flower`), or the built-in metrics."""
     if evaluation.evaluate is None:
         return builtin_metrics(model, data)
     who = f"evaluate function {evaluation.evaluate}"
-    function = load_callable(evaluation.evaluate, "evaluate function")
     context = RoundContext(
         federation=federation,
         run_id="",
@@ -316,7 +326,12 @@ def evaluate_model(
         seed=0,
         task=data.task,
         num_classes=data.num_classes,
+        extra={"data_path": str(data_path)} if data_path else {},
     )
+    flower = flower_client(evaluation.evaluate, "evaluate function")
+    if flower is not None:
+        return flower.evaluate(model, data, context)
+    function = load_callable(evaluation.evaluate, "evaluate function")
     model.eval()
     with torch.no_grad():
         return check_metrics(call_user(function, who, model, data, context), who)

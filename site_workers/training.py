@@ -26,6 +26,8 @@ from fedround.tasks.core.usercode import (
     load_callable,
 )
 
+from .flower import flower_client
+
 
 @dataclass(frozen=True)
 class LocalTrainingResult:
@@ -142,10 +144,18 @@ def train_locally(
     """
     started = time.perf_counter()
     who = f"train function {config.train}" if config.train else "fedround's training loop"
+    num_examples = len(data)
+    # A Flower NumPyClient (class, instance or factory) named as `train`: see flower.py.
+    flower = flower_client(config.train, "train function") if config.train else None
+    who = flower.who if flower is not None else who
     with hooks_installed(model, hooks), time_limit(config.timeout_s, who):
-        if config.train:
+        if flower is not None:
+            fit = flower.fit(model, data, config, context, hooked=bool(hooks))
+            raw, num_examples = fit.metrics, fit.num_examples
+        elif config.train:
             function = load_callable(config.train, "train function")
             raw = call_user(function, who, model, data, config, context)
+        if config.train:
             metrics = {
                 f"train_{k}" if not k.startswith("train_") else k: v
                 for k, v in check_metrics(raw, who).items()
@@ -162,7 +172,7 @@ def train_locally(
         raise UserCodeError(f"{who} left non-finite weights in {bad[:5]} (NaN or inf)")
     return LocalTrainingResult(
         weights=weights,
-        num_examples=len(data),
+        num_examples=num_examples,
         metrics=metrics,
         seconds=time.perf_counter() - started,
     )
