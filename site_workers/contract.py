@@ -10,6 +10,7 @@ set-up summary (per-column counts and sums) the federated preprocessing is merge
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -46,7 +47,7 @@ def validate_frame(frame: pd.DataFrame, suite: dict[str, Any], site: str) -> Con
 
     name = str(suite.get("name", "contract"))
     try:
-        gx_suite = gx.ExpectationSuite(**suite)
+        gx_suite = gx.ExpectationSuite(**copy.deepcopy(suite))  # GE writes into its meta
     except Exception as exc:
         raise ContractError(f"data-contract suite {name!r} is not a valid GE suite: {exc}") from exc
     context = gx.get_context(mode="ephemeral")

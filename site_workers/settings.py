@@ -65,6 +65,8 @@ def load_site_settings(path: Path) -> SiteSettings:
 def write_site_settings(path: Path, settings: SiteSettings) -> None:
     """Write a site config, readable by its owner only (it may hold the site's S3 secret)."""
     data = settings.model_dump(mode="json", exclude_none=True)
+    if settings.test_file is None:
+        data["test_file"] = None  # explicit: left out, it would read back as test.npz
     secret = settings.object_store.secret_key
     if secret is not None:
         data["object_store"]["secret_key"] = secret.get_secret_value()

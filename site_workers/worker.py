@@ -63,8 +63,11 @@ def worker_command(settings: SiteSettings, config_file: Path) -> tuple[list[str]
 def start_site_worker(config_file: Path) -> None:
     """Replace this process with the site's Prefect worker (for systemd, k8s, compose)."""
     settings = load_site_settings(config_file)
-    if not (settings.data_dir / "train.npz").exists():
-        raise ConfigError(f"{config_file}: no train.npz in data_dir {settings.data_dir}")
+    if not settings.train_path.is_file():
+        raise ConfigError(
+            f"{config_file}: the training file {settings.train_path} does not exist: set "
+            "data_dir and train_file to the site's data (then `fedround site check`)"
+        )
     argv, env = worker_command(settings, config_file)
     os.chdir(config_file.resolve().parent)
     os.execvpe(argv[0], argv, env)

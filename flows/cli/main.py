@@ -42,15 +42,33 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def print_summary(result: dict[str, Any], result_file: Path, state_dir: Path) -> None:
+NO_HOLDOUT = "no central held-out set (set evaluation.holdout); see per-site metrics in MLflow"
+
+
+def metric_lines(metrics: dict[str, float], lead: str | None = None) -> list[str]:
+    """The final metrics of the central evaluation, ``lead`` (evaluation.metric) first; or
+    one line saying there is no central held-out set."""
+    if not metrics:
+        return [f"  {'metrics':<12} {NO_HOLDOUT}"]
+    order = sorted(metrics, key=lambda name: (name != lead, name != "loss", name))
+    first, *rest = order
+    line = f"  {first:<12} {metrics[first]:.4f} on the held-out set"
+    if rest:
+        line += " (" + ", ".join(f"{name} {metrics[name]:.4f}" for name in rest) + ")"
+    return [line]
+
+
+def print_summary(
+    result: dict[str, Any], result_file: Path, state_dir: Path, metric: str | None = None
+) -> None:
+    """The run's summary; ``metric`` (the federation's evaluation.metric) leads."""
     metrics = result["final_metrics"]
     model = result.get("model") or {}
     sites = result["sites"]
     lines = [
         f"fedround: run {result['run_id']} of federation {result['federation']} finished",
         f"  rounds       {result['rounds']} (resumed from round {result['resumed_from_round']})",
-        f"  accuracy     {metrics.get('accuracy', float('nan')):.4f} on the held-out set "
-        f"(loss {metrics.get('loss', float('nan')):.4f})",
+        *metric_lines(metrics, metric),
         f"  sites        {len(sites['participating'])} took part, "
         f"{len(sites['excluded'])} excluded",
     ]
@@ -131,9 +149,18 @@ def run(
     result_file = state / "runs" / result["run_id"] / "result.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
-    print_summary(result, result_file, state)
+    print_summary(result, result_file, state, _lead_metric(config))
     if as_json:
         typer.echo(json.dumps(result))
+
+
+def _lead_metric(config: Path) -> str | None:
+    from fedround.tasks.core.config import load_federation_config
+
+    try:
+        return load_federation_config(config).evaluation.metric
+    except FedroundError:
+        return None
 
 
 def _run_distributed(config_path: Path, run_id: str | None, **options: Any) -> dict[str, Any]:
@@ -175,6 +202,8 @@ COMMAND_MODULES: list[str] = [
     "fedround.flows.cli.distributed",
     "fedround.flows.cli.services",
     "fedround.flows.cli.lifecycle",
+    "fedround.flows.cli.site_onboarding",
+    "fedround.flows.cli.contract",
 ]
 
 

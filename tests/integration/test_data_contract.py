@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fedround.site_workers.contract import check_site_contract
 from fedround.site_workers.data import save_site_data
+from fedround.tasks.core.config import DataConfig, TableConfig
+from fedround.tasks.core.contract_report import ContractReport, RuleResult
 
 REPO = Path(__file__).resolve().parents[2]
 SUITE = json.loads((REPO / "deployments/examples/contracts/mnist-site-data.json").read_text())
@@ -84,3 +87,141 @@ def test_unreadable_data_is_a_failed_contract_not_a_crash(tmp_path: Path) -> Non
     report = check_site_contract(path, SUITE, "site-f")
     assert not report.success
     assert report.failures[0].rule == "readable_data"
+
+
+# --- tables: the real columns of a site's table -----------------------------------------
+
+TABLE_SUITE = {
+    "name": "clinic-table",
+    "expectations": [
+        {
+            "type": "expect_table_columns_to_match_set",
+            "kwargs": {"column_set": ["age", "bmi", "city", "y"], "exact_match": True},
+        },
+        {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": 10}},
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": "age", "min_value": 0, "max_value": 120},
+        },
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "bmi", "mostly": 0.9}},
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "city", "value_set": ["berlin", "paris", "rome"]},
+        },
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "y", "value_set": [0, 1]},
+        },
+    ],
+}
+TABLE = DataConfig(
+    kind="table",
+    source="sites",
+    table=TableConfig(features=["age", "bmi", "city"], categorical=["city"], label="y"),
+)
+
+
+@pytest.fixture
+def clinic() -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    n = 60
+    return pd.DataFrame(
+        {
+            "age": rng.integers(18, 90, n),
+            "bmi": rng.normal(25, 4, n).round(1),
+            "city": rng.choice(["berlin", "paris", "rome"], n),
+            "y": rng.integers(0, 2, n),
+        }
+    )
+
+
+def _table(tmp_path: Path, frame: pd.DataFrame, name: str = "train.parquet") -> Path:
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    return path
+
+
+def _only_failure(report: ContractReport) -> RuleResult:
+    assert not report.success
+    [failure] = report.failures
+    return failure
+
+
+def test_clean_table_passes_and_carries_only_counts_and_sums(tmp_path: Path, clinic) -> None:
+    report = check_site_contract(_table(tmp_path, clinic), TABLE_SUITE, "site-a", TABLE)
+    assert report.success, report.summary()
+    summary = report.data_summary
+    assert summary is not None and summary.rows == 60
+    assert sum(summary.categories["city"].values()) == 60
+    assert summary.numeric["age"].count == 60
+    assert summary.numeric["age"].sum == pytest.approx(float(clinic["age"].sum()))
+
+
+def test_missing_table_column_is_named(tmp_path: Path, clinic) -> None:
+    report = check_site_contract(
+        _table(tmp_path, clinic.drop(columns=["bmi"]), "train.csv"), TABLE_SUITE, "site-b", TABLE
+    )
+    assert not report.success
+    bmi = [f for f in report.failures if f.column == "bmi"]
+    assert bmi and "column 'bmi' is missing" in (bmi[0].error or "")
+    assert ("expect_table_columns_to_match_set", None) in {
+        (f.rule, f.column) for f in report.failures
+    }
+
+
+def test_out_of_range_values_name_column_rule_and_count_but_never_the_values(
+    tmp_path: Path, clinic
+) -> None:
+    clinic.loc[[2, 5, 11], "age"] = 987654
+    report = check_site_contract(_table(tmp_path, clinic), TABLE_SUITE, "site-c", TABLE)
+    failure = _only_failure(report)
+    assert (failure.column, failure.rule) == ("age", "expect_column_values_to_be_between")
+    assert failure.unexpected_count == 3
+    assert "987654" not in report.model_dump_json()
+    assert "column 'age' broke expect_column_values_to_be_between" in report.summary()
+    assert "3 rows" in report.summary()
+
+
+def test_null_fraction_above_the_allowed_share(tmp_path: Path, clinic) -> None:
+    clinic["bmi"] = clinic["bmi"].astype(float)
+    clinic.loc[:17, "bmi"] = np.nan  # 18 of 60 = 30 % missing, the suite allows 10 %
+    report = check_site_contract(_table(tmp_path, clinic), TABLE_SUITE, "site-d", TABLE)
+    failure = _only_failure(report)
+    assert (failure.column, failure.rule) == ("bmi", "expect_column_values_to_not_be_null")
+    assert failure.unexpected_count == 18
+    assert failure.arguments["mostly"] == 0.9
+
+
+def test_category_outside_the_set_is_counted_not_sent(tmp_path: Path, clinic) -> None:
+    clinic.loc[[0, 1], "city"] = "atlantis-ward-7"
+    report = check_site_contract(_table(tmp_path, clinic), TABLE_SUITE, "site-e", TABLE)
+    failure = _only_failure(report)
+    assert (failure.column, failure.rule) == ("city", "expect_column_values_to_be_in_set")
+    assert failure.unexpected_count == 2
+    assert "atlantis" not in report.model_dump_json()
+
+
+def test_row_count_below_the_bound(tmp_path: Path, clinic) -> None:
+    report = check_site_contract(_table(tmp_path, clinic.head(5)), TABLE_SUITE, "site-f", TABLE)
+    failure = _only_failure(report)
+    assert (failure.column, failure.rule) == (None, "expect_table_row_count_to_be_between")
+    assert failure.observed == 5
+
+
+def test_columns_the_federation_declares_but_the_table_lacks(tmp_path: Path, clinic) -> None:
+    suite = {**TABLE_SUITE, "expectations": TABLE_SUITE["expectations"][1:]}  # no column set
+    data = TABLE.model_copy(
+        update={
+            "table": TableConfig(
+                features=["age", "bmi", "city", "weight"], categorical=["city"], label="y"
+            )
+        }
+    )
+    report = check_site_contract(_table(tmp_path, clinic), suite, "site-g", data)
+    failure = _only_failure(report)
+    assert failure.rule == "declared_columns"
+    assert "['weight']" in (failure.error or "") and "data.table" in (failure.error or "")
+    assert report.data_summary is None  # no set-up summary from a table that cannot train
