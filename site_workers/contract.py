@@ -109,7 +109,10 @@ def check_site_contract(
         frame = contract_frame(data_file, data)
     except (OSError, ValueError, DataError, UserCodeError) as exc:
         log.warning("site %s: cannot read %s: %s", site, data_file, exc)
-        failure = RuleResult(rule="readable_data", success=False, error=f"{data_file.name}: {exc}")
+        reason = str(exc).replace(str(data_file), data_file.name)  # the path stays here
+        failure = RuleResult(
+            rule="readable_data", success=False, error=f"{data_file.name}: {reason}"
+        )
         return ContractReport(site=site, suite=name, success=False, row_count=0, results=[failure])
     report = validate_frame(frame, suite, site)
     if report.success and data.kind == "table" and data.table is not None:

@@ -225,3 +225,12 @@ def test_columns_the_federation_declares_but_the_table_lacks(tmp_path: Path, cli
     assert failure.rule == "declared_columns"
     assert "['weight']" in (failure.error or "") and "data.table" in (failure.error or "")
     assert report.data_summary is None  # no set-up summary from a table that cannot train
+
+
+def test_a_missing_file_is_named_without_its_path(tmp_path: Path) -> None:
+    folder = tmp_path / "private" / "exports"
+    report = check_site_contract(folder / "train.parquet", TABLE_SUITE, "site-h", TABLE)
+    failure = _only_failure(report)
+    assert failure.rule == "readable_data" and "train.parquet" in (failure.error or "")
+    assert "does not exist" in (failure.error or "")
+    assert "private" not in report.model_dump_json()  # the folder stays at the site
