@@ -34,9 +34,9 @@ from fedround.site_workers.data import save_site_data
 from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import load_federation_config
-from fedround.tasks.core.fedavg import fedavg
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.selection import derive_seed
+from fedround.tasks.core.strategies import fedavg
 from fedround.tasks.object_store import LocalObjectStore
 
 from .helpers import FEDROUND, Completed, cli_env
