@@ -48,7 +48,12 @@ from fedround.tasks.checkpoints import (
     save_checkpoint,
 )
 from fedround.tasks.core import keys
-from fedround.tasks.core.config import FederationConfig, ModelConfig, load_federation_config
+from fedround.tasks.core.config import (
+    FederationConfig,
+    ModelConfig,
+    StrategyConfig,
+    load_federation_config,
+)
 from fedround.tasks.core.contract_report import ContractReport
 from fedround.tasks.core.errors import (
     ConfigError,
@@ -155,14 +160,25 @@ def site_round(spec: RoundSpec, timeout: float) -> SiteRoundResult:
 @task(name="aggregate", cache_policy=NO_CACHE)
 def aggregate(
     store_settings: Any,
-    strategy_name: str,
+    strategy_config: StrategyConfig,
     strategy_state: dict[str, Any],
     global_weights: Weights,
     expectations: dict[str, UpdateExpectation],
 ) -> tuple[AggregationOutcome, dict[str, Any]]:
-    strategy = build_strategy(strategy_name)
+    """Validate the round's updates and aggregate them with the configured strategy,
+    resumed from its checkpointed state (server momentum, optimizer moments)."""
+    strategy = build_strategy(strategy_config)
     strategy.load_state_dict(strategy_state)
     outcome = aggregate_updates(open_store(store_settings), strategy, global_weights, expectations)
+    if outcome.clipped or outcome.unselected:
+        get_run_logger().info(
+            "aggregate: clipped %s (bound %.4g, median norm %.4g); left out by %s: %s",
+            {site: round(factor, 3) for site, factor in outcome.clipped.items()} or "none",
+            outcome.stats.get("clip_bound", float("nan")),
+            outcome.stats.get("median_update_norm", float("nan")),
+            strategy_config.aggregator,
+            outcome.unselected or "none",
+        )
     return outcome, strategy.state_dict()
 
 
@@ -349,7 +365,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     }
     outcome, strategy_state = _named(aggregate, round_, "aggregate")(
         ctx.settings.object_store,
-        config.strategy.name,
+        config.strategy,
         previous.strategy_state,
         previous.weights,
         {site: expectations[site] for site in done},

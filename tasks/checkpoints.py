@@ -3,6 +3,13 @@
 Write order is weights, strategy state, then the manifest; a round's checkpoint exists
 only once its manifest does, so a crash mid-write leaves the previous checkpoint as the
 latest. Every read recomputes SHA-256 digests against the manifest.
+
+Strategy state is JSON (``strategy.json``); the tensors in it (server momentum, optimizer
+moments) go to ``strategy.safetensors`` beside it, referenced from the JSON as
+``{"$tensor": path}``, with the file's digest under the JSON's ``"$tensors"`` key. The
+manifest pins the JSON, the JSON pins the tensors: every byte of a resumed strategy is
+verified, and it continues exactly where it stopped. A state without tensors (FedAvg's
+``{}``) is written as before, and has no tensor file.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ from fedround.tasks.core.serialization import (
     weights_from_bytes,
     weights_to_bytes,
 )
+from fedround.tasks.core.strategies.state import join_tensors, split_tensors
 from fedround.tasks.object_store import ObjectStore
 
 WEIGHTS = "weights.safetensors"
 STRATEGY = "strategy.json"
+STRATEGY_TENSORS = "strategy.safetensors"
+TENSORS_KEY = "$tensors"  # in strategy.json: {"object", "sha256", "nbytes"} of the tensors
 MANIFEST = "manifest.json"
 
 
@@ -54,8 +64,10 @@ def save_checkpoint(
     """Write a checkpoint for ``round_`` (0 = the initial model) and commit it."""
     prefix = keys.checkpoint_prefix(federation, run_id, round_)
     payload = weights_to_bytes(weights)
-    state = json.dumps(strategy_state, sort_keys=True).encode()
+    state, tensors = encode_strategy_state(strategy_state)
     store.put(prefix + WEIGHTS, payload)
+    if tensors is not None:
+        store.put(prefix + STRATEGY_TENSORS, tensors)
     store.put(prefix + STRATEGY, state)
     manifest = CheckpointManifest(
         federation=federation,
@@ -71,6 +83,26 @@ def save_checkpoint(
     )
     store.put(prefix + MANIFEST, manifest.to_json())
     return manifest
+
+
+def encode_strategy_state(state: dict[str, Any]) -> tuple[bytes, bytes | None]:
+    """(``strategy.json`` bytes, ``strategy.safetensors`` bytes or ``None`` without tensors)."""
+    plain, tensors = split_tensors(state)
+    if not tensors:
+        return json.dumps(plain, sort_keys=True).encode(), None
+    payload = weights_to_bytes(tensors)
+    plain[TENSORS_KEY] = {
+        "object": STRATEGY_TENSORS,
+        "sha256": sha256_hex(payload),
+        "nbytes": len(payload),
+    }
+    return json.dumps(plain, sort_keys=True).encode(), payload
+
+
+def strategy_tensors_sha256(state: bytes) -> str | None:
+    """The digest ``strategy.json`` pins its tensor file to (``None``: it has none)."""
+    reference = json.loads(state).get(TENSORS_KEY)
+    return None if reference is None else str(reference["sha256"])
 
 
 def committed_rounds(store: ObjectStore, federation: str, run_id: str) -> list[int]:
@@ -118,7 +150,36 @@ def load_checkpoint(store: ObjectStore, federation: str, run_id: str, round_: in
         weights = weights_from_bytes(payload)
     except UpdateRejected as exc:
         raise CheckpointError(f"checkpoint round {round_} of run {run_id}: {exc.detail}") from exc
-    return Checkpoint(manifest=manifest, weights=weights, strategy_state=json.loads(state))
+    strategy_state = _decode_strategy_state(store, prefix, state, f"round {round_} of run {run_id}")
+    return Checkpoint(manifest=manifest, weights=weights, strategy_state=strategy_state)
+
+
+def _decode_strategy_state(
+    store: ObjectStore, prefix: str, state: bytes, which: str
+) -> dict[str, Any]:
+    """``strategy.json`` with its tensors joined back in, each byte checked."""
+    plain = json.loads(state)
+    reference = plain.pop(TENSORS_KEY, None)
+    if reference is None:
+        return dict(plain)
+    key = prefix + STRATEGY_TENSORS
+    try:
+        payload = store.get(key)
+    except ObjectNotFound:
+        raise CheckpointError(
+            f"checkpoint {which} is incomplete: {store.uri(key)} is missing"
+        ) from None
+    actual = sha256_hex(payload)
+    if actual != reference["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {which} is corrupted: {store.uri(key)} has sha256 {actual[:12]}…, "
+            f"its strategy.json says {str(reference['sha256'])[:12]}…. Restore it from a "
+            "backup, or delete that round's checkpoint folder to resume from the round before."
+        )
+    try:
+        return join_tensors(plain, weights_from_bytes(payload))
+    except (UpdateRejected, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {which}: strategy state is unreadable: {exc}") from exc
 
 
 def latest_checkpoint(store: ObjectStore, federation: str, run_id: str) -> Checkpoint | None:

@@ -21,7 +21,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from fedround.tasks.checkpoints import MANIFEST, STRATEGY, WEIGHTS
+from fedround.tasks.checkpoints import (
+    MANIFEST,
+    STRATEGY,
+    STRATEGY_TENSORS,
+    WEIGHTS,
+    strategy_tensors_sha256,
+)
 from fedround.tasks.core import keys
 from fedround.tasks.core.errors import CheckpointError, ConfigError, ObjectNotFound
 from fedround.tasks.core.manifest import CheckpointManifest
@@ -132,7 +138,8 @@ def prune_checkpoints(
             report.kept_recent += 1
             continue
         report.deleted.append(ref)
-        for name in (WEIGHTS, STRATEGY, MANIFEST):  # the manifest last: see the module doc
+        # The manifest last: see the module doc (a strategy without tensors has no file).
+        for name in (WEIGHTS, STRATEGY_TENSORS, STRATEGY, MANIFEST):
             key = ref.prefix + name
             try:
                 report.bytes_freed += store.size(key)
@@ -158,7 +165,8 @@ class CopyReport:
 
 
 def _verified_files(store: ObjectStore, prefix: str) -> dict[str, bytes]:
-    """A checkpoint's three files, each checked against the manifest."""
+    """A checkpoint's files, each checked against the manifest (the strategy's tensors,
+    when it has any, against the digest in strategy.json)."""
     manifest_bytes = store.get(prefix + MANIFEST)
     manifest = CheckpointManifest.from_json(manifest_bytes)
     files = {MANIFEST: manifest_bytes}
@@ -177,6 +185,18 @@ def _verified_files(store: ObjectStore, prefix: str) -> dict[str, bytes]:
                 f"{expected[:12]}…: refusing to copy a corrupted checkpoint"
             )
         files[name] = data
+    tensors_sha256 = strategy_tensors_sha256(files[STRATEGY])
+    if tensors_sha256 is not None:
+        try:
+            data = store.get(prefix + STRATEGY_TENSORS)
+        except ObjectNotFound:
+            raise CheckpointError(f"{store.uri(prefix + STRATEGY_TENSORS)} is missing") from None
+        if sha256_hex(data) != tensors_sha256:
+            raise CheckpointError(
+                f"{store.uri(prefix + STRATEGY_TENSORS)} does not match the digest in "
+                "strategy.json: refusing to copy a corrupted checkpoint"
+            )
+        files[STRATEGY_TENSORS] = data
     return files
 
 
@@ -199,8 +219,9 @@ def copy_run_checkpoints(
     for round_ in rounds:
         prefix = keys.checkpoint_prefix(federation, run_id, round_)
         files = _verified_files(source, prefix)
-        for name in (WEIGHTS, STRATEGY, MANIFEST):  # manifest last: committed when complete
-            destination.put(prefix + name, files[name])
+        for name in (WEIGHTS, STRATEGY_TENSORS, STRATEGY, MANIFEST):  # manifest last
+            if name in files:
+                destination.put(prefix + name, files[name])
         copied = _verified_files(destination, prefix)
         if copied != files:
             raise CheckpointError(f"the copy of {destination.uri(prefix)} differs from its source")

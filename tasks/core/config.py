@@ -6,12 +6,20 @@ got and what is allowed.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -253,19 +261,202 @@ class EvaluationConfig(_Strict):
         return self
 
 
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
+ROBUST_AGGREGATORS = ("median", "trimmed_mean", "krum", "multi_krum")
+
+
+class ClipConfig(_Strict):
+    """Server-side clipping of each update's L2 norm before aggregation.
+
+    ``median`` (the default): bound = multiplier × the round's median update norm, so a
+    boosted update is cut back while honest heterogeneity passes; ``fixed``: a bound you
+    set; ``off``.
+    """
+
+    mode: Literal["median", "fixed", "off"] = "median"
+    multiplier: float | None = Field(
+        None, ge=1, description="median mode: bound = multiplier × the round's median norm (5)"
+    )
+    bound: float | None = Field(None, gt=0, description="fixed mode: the L2 bound")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _fits_mode(self) -> ClipConfig:
+        if self.mode == "fixed" and self.bound is None:
+            raise ValueError("mode: fixed needs bound > 0 (the largest L2 norm an update keeps)")
+        if self.mode != "fixed" and self.bound is not None:
+            raise ValueError(f"bound applies to mode: fixed (mode is {self.mode})")
+        if self.mode != "median" and self.multiplier is not None:
+            raise ValueError(f"multiplier applies to mode: median (mode is {self.mode})")
+        return self
+
+    @property
+    def effective_multiplier(self) -> float:
+        return 5.0 if self.multiplier is None else self.multiplier
+
+
 class StrategyConfig(_Strict):
-    name: Literal["fedavg", "fedprox"] = "fedavg"
+    """How the coordinator turns a round's updates into the next global model.
+
+    ``name``: the server optimizer (fedavg, fedprox, fedavgm, fedadam, fedyogi,
+    fedadagrad); ``aggregator``: how updates are combined (mean, median, trimmed_mean,
+    krum, multi_krum); ``clip``, ``weighting`` and ``max_site_share``: how much one update
+    may count. Options that do not apply to the chosen name or aggregator are refused.
+    """
+
+    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
     mu: float = Field(
         0.0, ge=0, description="FedProx proximal weight μ (applied at sites through the hook)"
     )
+    server_lr: float | None = Field(
+        None,
+        gt=0,
+        description="server learning rate η (default 1 for fedavg, fedprox, fedavgm; "
+        "0.01 for fedadam, fedyogi, fedadagrad)",
+    )
+    momentum: float | None = Field(
+        None, ge=0, lt=1, description="fedavgm: server momentum β (default 0.9)"
+    )
+    beta1: float | None = Field(
+        None, ge=0, lt=1, description="fedadam, fedyogi, fedadagrad: first-moment decay β₁ (0.9)"
+    )
+    beta2: float | None = Field(
+        None, ge=0, lt=1, description="fedadam, fedyogi: second-moment decay β₂ (default 0.99)"
+    )
+    tau: float | None = Field(
+        None,
+        gt=0,
+        description="fedadam, fedyogi, fedadagrad: adaptivity τ (default 1e-3; smaller is "
+        "more adaptive)",
+    )
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "mean"
+    trim_beta: float | None = Field(
+        None,
+        ge=0,
+        lt=0.5,
+        description="trimmed_mean: share β cut at each end of every coordinate (default 0.1)",
+    )
+    krum_f: int | None = Field(
+        None, ge=0, description="krum, multi_krum: Byzantine sites to tolerate, f (default 1)"
+    )
+    multi_krum_m: int | None = Field(
+        None, ge=1, description="multi_krum: updates averaged, m (default n − f)"
+    )
+    clip: ClipConfig = ClipConfig()
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="weigh each update by its example count, or all alike"
+    )
+    max_site_share: float = Field(
+        1.0, gt=0, le=1, description="largest share of a round's weight one site may have"
+    )
+    max_buffered_updates: int = Field(
+        1000,
+        ge=1,
+        description="median, trimmed_mean, krum, multi_krum hold a round's updates in memory "
+        "together: at most this many (one per site)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_options(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            unknown = sorted(set(raw) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown option(s) {unknown}; strategy takes {sorted(cls.model_fields)}"
+                )
+        return raw
 
     @model_validator(mode="after")
-    def _mu(self) -> StrategyConfig:
+    def _applies(self) -> StrategyConfig:
         if self.name == "fedprox" and self.mu <= 0:
             raise ValueError("fedprox needs mu > 0 (e.g. mu: 0.01)")
-        if self.name == "fedavg" and self.mu != 0:
+        if self.name != "fedprox" and self.mu != 0:
             raise ValueError("mu applies to fedprox only: set name: fedprox")
+        scope = {
+            "momentum": (self.name == "fedavgm", "name: fedavgm"),
+            "beta1": (self.name in ADAPTIVE_STRATEGIES, "name: fedadam, fedyogi or fedadagrad"),
+            "beta2": (self.name in ("fedadam", "fedyogi"), "name: fedadam or fedyogi"),
+            "tau": (self.name in ADAPTIVE_STRATEGIES, "name: fedadam, fedyogi or fedadagrad"),
+            "trim_beta": (self.aggregator == "trimmed_mean", "aggregator: trimmed_mean"),
+            "krum_f": (self.aggregator in ("krum", "multi_krum"), "aggregator: krum or multi_krum"),
+            "multi_krum_m": (self.aggregator == "multi_krum", "aggregator: multi_krum"),
+        }
+        for option, (applies, where) in scope.items():
+            if getattr(self, option) is not None and not applies:
+                raise ValueError(f"{option} applies to {where} only")
         return self
+
+    @property
+    def effective_server_lr(self) -> float:
+        if self.server_lr is not None:
+            return self.server_lr
+        return 0.01 if self.name in ADAPTIVE_STRATEGIES else 1.0
+
+    @property
+    def effective_momentum(self) -> float:
+        return 0.9 if self.momentum is None else self.momentum
+
+    @property
+    def effective_beta1(self) -> float:
+        return 0.9 if self.beta1 is None else self.beta1
+
+    @property
+    def effective_beta2(self) -> float:
+        return 0.99 if self.beta2 is None else self.beta2
+
+    @property
+    def effective_tau(self) -> float:
+        return 1e-3 if self.tau is None else self.tau
+
+    @property
+    def effective_trim_beta(self) -> float:
+        return 0.1 if self.trim_beta is None else self.trim_beta
+
+    @property
+    def effective_krum_f(self) -> int:
+        return 1 if self.krum_f is None else self.krum_f
+
+    def check_round_size(self, min_sites: int, sites: int) -> None:
+        """Refuse, before the run starts, a strategy that a round reaching the quorum
+        (``min_sites`` valid updates, of at most ``sites``) could not run."""
+        if self.aggregator in ("krum", "multi_krum"):
+            f = self.effective_krum_f
+            if min_sites <= 2 * f + 2:
+                raise ValueError(
+                    f"strategy.aggregator: {self.aggregator} with krum_f={f} needs more than "
+                    f"2·f + 2 = {2 * f + 2} valid updates per round, but selection.min_sites="
+                    f"{min_sites} lets a round close with {min_sites}: raise "
+                    f"selection.min_sites to at least {2 * f + 3} or lower strategy.krum_f"
+                )
+            m = self.multi_krum_m
+            if m is not None and m > min_sites - f:
+                raise ValueError(
+                    f"strategy.multi_krum_m={m} is more than selection.min_sites − krum_f = "
+                    f"{min_sites - f}, the updates Multi-Krum may average in a round that "
+                    "just reaches the quorum: lower multi_krum_m or raise selection.min_sites"
+                )
+        if self.aggregator in ROBUST_AGGREGATORS and sites > self.max_buffered_updates:
+            raise ValueError(
+                f"strategy.aggregator: {self.aggregator} holds a round's updates in memory "
+                f"together, up to one per site ({sites} sites), but "
+                f"strategy.max_buffered_updates={self.max_buffered_updates}: raise it "
+                "(memory: sites × the model's size) or use aggregator: mean"
+            )
+        share = self.max_site_share
+        if share < 1 and min_sites * share < 1 - 1e-9:
+            needed = math.ceil(1 / share - 1e-9)
+            raise ValueError(
+                f"strategy.max_site_share={share} cannot hold in a round of "
+                f"selection.min_sites={min_sites} updates (it needs at least {needed}): "
+                f"raise selection.min_sites to {needed} or max_site_share to at least "
+                f"1/{min_sites} (≈{math.ceil(1e4 / min_sites) / 1e4})"
+            )
 
 
 class SelectionConfig(_Strict):
@@ -411,6 +602,7 @@ class FederationConfig(_Strict):
                 f"selection.min_sites={self.selection.min_sites} is more than the "
                 f"{len(self.sites)} sites listed"
             )
+        self.strategy.check_round_size(self.selection.min_sites, len(self.sites))
         return self
 
     @property

@@ -1,4 +1,5 @@
-"""FedAvg: exact on integer-valued weights, weighted by examples, streaming = batch."""
+"""FedAvg (McMahan et al. 2017): exact on integer-valued weights, weighted by examples,
+streaming = batch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedround.tasks.core.fedavg import FedAvg, WeightedMean, fedavg
+from fedround.tasks.core.strategies import (
+    AggregationError,
+    FedAvg,
+    NormClipping,
+    ServerStrategy,
+    WeightedMean,
+    build_strategy,
+    fedavg,
+)
 
 
 def _w(**arrays: list[float]) -> dict[str, torch.Tensor]:
@@ -41,7 +50,7 @@ def test_single_site_fedavg_applies_its_delta() -> None:
 
 def test_weighted_mean_rejects_bad_input() -> None:
     mean = WeightedMean()
-    with pytest.raises(ValueError, match="no updates"):
+    with pytest.raises(AggregationError, match="no updates"):
         mean.mean()
     with pytest.raises(ValueError, match="positive"):
         mean.add(_w(w=[1.0]), 0)
@@ -70,7 +79,7 @@ def test_streaming_equals_batch_in_any_order(updates: list, rng) -> None:
     ).astype(np.float32)
     shuffled = list(updates)
     rng.shuffle(shuffled)
-    strategy = FedAvg()
+    strategy = ServerStrategy(FedAvg(), clipping=NormClipping("off"))
     strategy.begin_round(global_weights)
     for delta, n in shuffled:
         strategy.accumulate(_w(w=delta), n)
@@ -79,12 +88,29 @@ def test_streaming_equals_batch_in_any_order(updates: list, rng) -> None:
 
 
 def test_fedavg_keeps_one_running_sum_whatever_the_number_of_sites() -> None:
-    strategy = FedAvg()
+    strategy = ServerStrategy(FedAvg(), clipping=NormClipping("off"))
     strategy.begin_round(_w(w=[0.0] * 1000))
     for i in range(200):
         strategy.accumulate(_w(w=[float(i % 3)] * 1000), 1)
     # The running state is one float64 tensor per weight, however many sites were added.
-    sums = strategy._mean._sums
+    assert isinstance(strategy.aggregator, WeightedMean)
+    assert not strategy._buffer
+    sums = strategy.aggregator._sums
     assert list(sums) == ["w"]
     assert sums["w"].dtype == torch.float64
     assert sums["w"].numel() == 1000
+
+
+def test_default_fedavg_previews_then_streams_in_o_model_memory() -> None:
+    # Default clipping needs the round's median norm: a preview pass keeps one norm and
+    # one count per update, the fold keeps one running sum; no update is held.
+    strategy = build_strategy("fedavg")
+    strategy.begin_round(_w(w=[0.0] * 1000))
+    updates = [(_w(w=[float(i % 3 + 1)] * 1000), 1 + i % 4) for i in range(200)]
+    for delta, n in updates:
+        strategy.preview(delta, n)
+    for delta, n in updates:
+        strategy.accumulate(delta, n)
+    assert not strategy._buffer
+    assert list(strategy.aggregator._sums) == ["w"]
+    assert torch.equal(strategy.finish()["w"], fedavg(_w(w=[0.0] * 1000), updates)["w"])

@@ -1,8 +1,8 @@
-"""FedAvg: the example-weighted mean of site updates.
+"""FedAvg's server step: the new global model is the old one plus the mean update.
 
 McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
-Data", AISTATS 2017. The mean is streamed: each update is folded into one float64
-running sum and dropped, so memory does not grow with the number of sites.
+Data", AISTATS 2017. With a server learning rate η ≠ 1 this is FedOpt with SGD as the
+server optimizer (Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 1).
 """
 
 from __future__ import annotations
@@ -11,66 +11,41 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .serialization import Weights
-from .strategy import Strategy
+from ..serialization import Weights
+from .base import ServerOptimizer, Tensors
+from .mean import WeightedMean
 
 
-class WeightedMean:
-    """Streaming example-weighted mean of tensors, accumulated in float64."""
+class FedAvg(ServerOptimizer):
+    """xₜ₊₁ = xₜ + η·Δₜ, where Δₜ is the round's aggregate delta (η = 1: plain FedAvg).
 
-    def __init__(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self.total_weight = 0
-
-    def add(self, tensors: Mapping[str, torch.Tensor], weight: int) -> None:
-        if weight <= 0:
-            raise ValueError(f"weight must be positive, got {weight}")
-        if not self._sums:
-            self._sums = {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in tensors.items()}
-        elif tensors.keys() != self._sums.keys():
-            raise ValueError("all tensors added to a WeightedMean must have the same keys")
-        for name, tensor in tensors.items():
-            self._sums[name].add_(tensor.detach().to(torch.float64), alpha=weight)
-        self.total_weight += weight
-
-    def mean(self) -> dict[str, torch.Tensor]:
-        """The float64 mean; raises if nothing was added."""
-        if self.total_weight == 0:
-            raise ValueError("no updates were added")
-        return {name: total / self.total_weight for name, total in self._sums.items()}
-
-
-class FedAvg(Strategy):
-    """New global = global + Σ nₖ·Δₖ / Σ nₖ over the round's valid updates."""
+    Stateless; memory O(model) for the step itself.
+    """
 
     name = "fedavg"
 
-    def __init__(self) -> None:
-        self._global: dict[str, torch.Tensor] = {}
-        self._mean = WeightedMean()
+    def __init__(self, server_lr: float = 1.0) -> None:
+        if not server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        self.server_lr = server_lr
 
-    def begin_round(self, global_weights: Mapping[str, torch.Tensor]) -> None:
-        self._global = dict(global_weights)
-        self._mean = WeightedMean()
-
-    def accumulate(self, update: Mapping[str, torch.Tensor], num_examples: int) -> None:
-        self._mean.add(update, num_examples)
-
-    def finish(self) -> Weights:
-        mean_delta = self._mean.mean()
-        return {
-            name: (base.to(torch.float64) + mean_delta[name]).to(base.dtype)
-            for name, base in self._global.items()
-        }
+    def step(self, global_weights: Tensors, delta: Tensors) -> Weights:
+        new: Weights = {}
+        for name, base in global_weights.items():
+            step = delta[name]
+            if self.server_lr != 1.0 and base.is_floating_point():
+                step = step * self.server_lr
+            new[name] = (base.to(torch.float64) + step).to(base.dtype)
+        return new
 
 
 def fedavg(
     global_weights: Mapping[str, torch.Tensor],
     updates: Iterable[tuple[Mapping[str, torch.Tensor], int]],
 ) -> Weights:
-    """Batch form of :class:`FedAvg`: one call over all ``(delta, num_examples)`` pairs."""
-    strategy = FedAvg()
-    strategy.begin_round(global_weights)
+    """Plain FedAvg in one call: global + Σ nₖ·Δₖ / Σ nₖ over ``(delta, num_examples)``
+    pairs (no clipping, no weight cap): the reference the tests compare runs against."""
+    mean = WeightedMean()
     for delta, num_examples in updates:
-        strategy.accumulate(delta, num_examples)
-    return strategy.finish()
+        mean.add(delta, num_examples)
+    return FedAvg().step(global_weights, mean.mean())

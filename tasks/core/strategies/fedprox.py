@@ -1,4 +1,4 @@
-"""FedProx at the coordinator: the example-weighted mean of site updates, as FedAvg.
+"""FedProx at the coordinator: the server step of FedAvg.
 
 Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020. FedProx changes
 only the sites' local objective (a proximal term μ/2·‖w − w_global‖², added to every
@@ -12,7 +12,7 @@ from .fedavg import FedAvg
 
 
 class FedProx(FedAvg):
-    """Server side of FedProx: new global = global + Σ nₖ·Δₖ / Σ nₖ (the proximal term
-    acts at the sites, through the client hook)."""
+    """Server side of FedProx: xₜ₊₁ = xₜ + η·Δₜ (the proximal term acts at the sites,
+    through the client hook). Stateless."""
 
     name = "fedprox"
