@@ -4,6 +4,7 @@ UserCodeError that names the function and what went wrong."""
 from __future__ import annotations
 
 import collections
+import sys
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,26 @@ def test_site_dataset_batches_cover_every_example_once_reproducibly() -> None:
         [8, 9],
     ]
     assert len(data) == data.num_examples == 10
+
+
+def test_a_user_function_that_exits_is_an_error_not_an_exit() -> None:
+    # A script adapted into a train function may still call sys.exit: the site is left out
+    # of the round; the site's process (and, embedded, the coordinator's task) carries on.
+    def exits() -> None:
+        sys.exit(3)
+
+    with pytest.raises(UserCodeError, match=r"^train function p:t raised SystemExit: 3$"):
+        call_user(exits, "train function p:t")
+
+
+def test_a_factory_or_module_that_exits_is_an_error_not_an_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(UserCodeError, match=r"exits\(\) raised SystemExit: usage: build"):
+        build_user_model(model_config("exits"), seed=0)
+    (tmp_path / "exiting_user_script_4711.py").write_text("import sys\nsys.exit(2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(
+        UserCodeError, match=r"importing 'exiting_user_script_4711' raised SystemExit"
+    ):
+        load_callable("exiting_user_script_4711:build", "model factory")

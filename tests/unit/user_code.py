@@ -83,3 +83,7 @@ def train_returns_list(
     model: nn.Module, data: SiteDataset, settings: TrainingConfig, context: RoundContext
 ) -> object:
     return [0.5]
+
+
+def exits(width: int = 3) -> nn.Module:
+    raise SystemExit("usage: build --width N")
