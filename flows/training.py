@@ -67,7 +67,7 @@ from fedround.tasks.core.preprocessing import Preprocessor, bound_summary, merge
 from fedround.tasks.core.selection import derive_seed, select_sites
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
 from fedround.tasks.core.strategies import build_strategy
-from fedround.tasks.core.usercode import resolve_model_config
+from fedround.tasks.core.usercode import load_callable, resolve_model_config
 from fedround.tasks.core.validation import UpdateExpectation, check_manifest, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
 from fedround.tasks.registry import register_candidate, registered_by_run
@@ -598,6 +598,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
     settings = CoordinatorSettings.from_env()
     path = Path(config_path)
     config = load_federation_config(path)
+    load_callable(config.model.import_path, "model factory")  # fail before the sites start
     config_sha256 = sha256_hex(path.read_bytes())
     store = open_store(settings.object_store)
     suite = json.loads((path.parent / config.contract).read_text())

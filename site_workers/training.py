@@ -162,7 +162,8 @@ def train_locally(
             }
         else:
             metrics = supervised_loop(model, data, config, context.seed)
-    weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    # on the CPU, whatever device the user's train moved the model to
+    weights = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
     bad = sorted(
         name
         for name, t in weights.items()

@@ -51,7 +51,7 @@ class ProximalTerm(ClientHook):
         anchor = self.anchor.get(name)
         if anchor is None or not self.mu:
             return grad
-        return grad + self.mu * (parameter.detach() - anchor.to(grad.dtype))
+        return grad + self.mu * (parameter.detach() - anchor.to(grad.device, grad.dtype))
 
 
 def hooks_for(

@@ -126,7 +126,11 @@ def bound_summary(summary: SiteSummary, table: TableConfig, max_rows: int) -> Si
 
     def counts(values: dict[str, int], limit: int) -> dict[str, int]:
         top = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
-        return {k[:MAX_VALUE_CHARS]: min(max(int(v), 0), max_rows) for k, v in top}
+        clipped = {k[:MAX_VALUE_CHARS]: min(max(int(v), 0), max_rows) for k, v in top}
+        total = sum(clipped.values())
+        if total > max_rows:  # one column's counts add up to at most the rows checked
+            clipped = {k: v * max_rows // total for k, v in clipped.items()}
+        return clipped
 
     return SiteSummary(
         rows=min(summary.rows, max_rows),

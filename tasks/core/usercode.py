@@ -114,7 +114,7 @@ def load_callable(path: str, role: str) -> Callable[..., Any]:
             f"{role} {path}: cannot import module {module_name!r} ({exc}); install the "
             "package that provides it here (pip install ...), at the coordinator and every site"
         ) from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise UserCodeError(
             f"{role} {path}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
         ) from exc
@@ -159,7 +159,7 @@ def build_user_model(config: ModelConfig, seed: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = factory(**config.kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise UserCodeError(
             f"model factory {path}({_args(config.kwargs)}) raised {type(exc).__name__}: {exc}"
         ) from exc
@@ -225,12 +225,13 @@ def check_metrics(result: object, who: str) -> dict[str, float]:
 
 
 def call_user(function: Callable[..., Any], who: str, *args: Any) -> Any:
-    """Call a user function; anything it raises becomes a :class:`UserCodeError`."""
+    """Call a user function; anything it raises (``sys.exit`` included) becomes a
+    :class:`UserCodeError`."""
     try:
         return function(*args)
     except UserCodeError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise UserCodeError(f"{who} raised {type(exc).__name__}: {exc}") from exc
 
 
