@@ -3,10 +3,12 @@
 ``promote_model`` (a Prefect flow; ``fedround promote <federation.yaml>``, or triggered
 from the Prefect UI as a deployment) takes the federation's promotion lock, verifies the
 artifacts of both models against their digests, and has every site evaluate both on its
-own held-out data (federated evaluation: the weights are published under the
-federation's readable prefix, each site's evaluation runs where the site's work runs,
-only metrics come back; one ``site-evaluation`` task per site and model). The gates of
-the config's ``promotion:`` section then decide (:mod:`fedround.tasks.core.gates`):
+own held-out data (federated evaluation: the weights, and a table model's preprocessor,
+are published under the federation's readable prefix, each site's evaluation runs where
+the site's work runs, only metrics come back; one ``site-evaluation`` task per site and
+model). The gates of the config's ``promotion:`` section then decide on
+``promotion.metric`` (default ``evaluation.metric``), in its direction
+(:mod:`fedround.tasks.core.gates`):
 
 - pass, no canary configured (or no production yet): the candidate becomes
   ``production``, the previous production ``deprecated``;
@@ -42,6 +44,7 @@ from fedround.tasks.config_versioning import config_revision
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import FederationConfig, load_federation_config
 from fedround.tasks.core.gates import GateDecision, SiteMetric, decide
+from fedround.tasks.core.serialization import sha256_hex
 from fedround.tasks.lifecycle import ROLLOUT, Lifecycle, LifecycleError
 from fedround.tasks.locks import Lock, default_holder
 from fedround.tasks.object_store import ObjectStore, open_store
@@ -124,8 +127,13 @@ def federated_evaluation(
 ) -> tuple[dict[str, dict[str, SiteMetric]], dict[str, str]]:
     """Each site evaluates each model on its own held-out data; metrics only come back.
 
-    Returns ``{label: {site: metric}}`` and the sites that could not evaluate, with why.
+    A table model's preprocessor is published beside its weights (under the federation's
+    site-readable prefix) and announced with its digest, so every site transforms its rows
+    exactly as the model was trained. The gates read ``config.promotion_metric`` from each
+    site's metrics. Returns ``{label: {site: metric}}`` and the sites that could not
+    evaluate, with why.
     """
+    metric = config.promotion_metric
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     evaluation = f"promote-{stamp}-{secrets.token_hex(3)}"
     futures = {}
@@ -133,6 +141,13 @@ def federated_evaluation(
         evaluation_id = f"{evaluation}-{label}"  # a site's result is keyed per evaluation id
         key = keys.evaluation_model_key(config.federation, evaluation_id, label)
         store.put(key, model.weights_bytes)
+        preprocessing_key = preprocessing_sha256 = None
+        if model.preprocessing_bytes is not None:
+            preprocessing_key = keys.evaluation_preprocessing_key(
+                config.federation, evaluation_id, label
+            )
+            store.put(preprocessing_key, model.preprocessing_bytes)
+            preprocessing_sha256 = sha256_hex(model.preprocessing_bytes)
         for site in sites:
             spec = EvalSpec(
                 federation=config.federation,
@@ -140,6 +155,10 @@ def federated_evaluation(
                 model_key=key,
                 model_sha256=model.weights_sha256,
                 model=model.model_config,
+                data=config.data,
+                evaluation=config.evaluation,
+                preprocessing_key=preprocessing_key,
+                preprocessing_sha256=preprocessing_sha256,
             )
             futures[(label, site)] = evaluate_at_site.with_options(
                 task_run_name=f"evaluate {label} v{model.version} · {site}"
@@ -148,11 +167,12 @@ def federated_evaluation(
     unavailable: dict[str, str] = {}
     for (label, site), result in settle(futures).items():
         if isinstance(result, SiteEvalResult) and result.ok:
-            value = getattr(result, config.promotion.metric)
+            value = site_metric(result, metric)
             if value is not None:
-                metrics[label][site] = SiteMetric(float(value), result.num_examples)
+                metrics[label][site] = SiteMetric(value, result.num_examples)
                 continue
-        if isinstance(result, SiteEvalResult):
+            why = f"its evaluation reported no {metric!r} (it reported {sorted(result.metrics)})"
+        elif isinstance(result, SiteEvalResult):
             why = result.error or "site reported failure"
         else:
             kind = "unavailable" if isinstance(result, SiteUnavailable) else "failed"
@@ -162,6 +182,27 @@ def federated_evaluation(
         for site in unavailable:
             metrics[label].pop(site, None)
     return metrics, unavailable
+
+
+def site_metric(result: SiteEvalResult, metric: str) -> float | None:
+    """The named metric from a site's evaluation (``loss``/``accuracy`` also from the
+    fields sites reported before they sent every metric)."""
+    value = result.metrics.get(metric)
+    if value is None and metric in ("loss", "accuracy"):
+        value = getattr(result, metric)
+    return None if value is None else float(value)
+
+
+def check_fits_data(config: FederationConfig, model: VerifiedModel, role: str) -> None:
+    """A table federation evaluates table models (with a preprocessor); arrays, the others."""
+    table = config.data.kind == "table"
+    if table != (model.preprocessor is not None):
+        has = "a preprocessor (a table model)" if model.preprocessor else "no preprocessor"
+        raise LifecycleError(
+            f"the {role} model {model.name} v{model.version} has {has}, but the federation's "
+            f"data is {config.data.kind}: sites cannot evaluate it. Check registry.model_name "
+            "in the config, or register a model trained on this data"
+        )
 
 
 # --- the flow ---------------------------------------------------------------------------
@@ -177,7 +218,12 @@ def _verified(registry: ModelRegistry, version: str, role: str) -> VerifiedModel
 def _report(result: PromotionResult, decision: GateDecision | None) -> None:
     lines = [f"## {result.model} v{result.version}: {result.outcome}", "", result.message, ""]
     if decision is not None:
-        lines += ["| site | candidate | production | change |", "|---|---|---|---|"]
+        lines += [
+            f"Metric: {decision.metric} ({decision.direction} is better)",
+            "",
+            "| site | candidate | production | change |",
+            "|---|---|---|---|",
+        ]
         for site, row in decision.sites.items():
             cells = [
                 "–" if row[k] is None else f"{row[k]:.4f}"
@@ -278,6 +324,8 @@ def _promote(
     models = {"candidate": candidate}
     if production is not None:
         models["production"] = _verified(registry, production, "production")
+    for role, model in models.items():
+        check_fits_data(config, model, role)
 
     if completing:
         started = datetime.fromisoformat(candidate_entry.tags[f"{TAG}canary_started_at"])
@@ -302,6 +350,8 @@ def _promote(
             policy,
             min_sites,
             unavailable,
+            metric=config.promotion_metric,
+            direction=config.metric_direction(),
         )
         figures = decision.to_dict()
         if not decision.passed:

@@ -49,6 +49,7 @@ class Lineage(BaseModel):
     mlflow_run_id: str | None = None
     prefect_flow_run_id: str | None = None
     weights_sha256: str | None = None
+    preprocessing_sha256: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     sites: dict[str, Any] = Field(default_factory=dict)
     contracts: dict[str, Any] | str = NOT_RECORDED
@@ -129,6 +130,7 @@ def build_lineage(
         run_id=tags.get(f"{TAG}run_id"),
         mlflow_run_id=entry.run_id,
         weights_sha256=tags.get(f"{TAG}weights_sha256"),
+        preprocessing_sha256=tags.get(f"{TAG}preprocessing_sha256"),
     )
     if entry.creation_timestamp:
         from datetime import UTC, datetime
@@ -167,11 +169,14 @@ def build_lineage(
             lineage.cost = cost
         metrics = dict(run.data.metrics)
         lineage.metrics = {k: v for k, v in metrics.items() if k.startswith("final_")}
+        lead = run.data.params.get("evaluation.metric")  # the federation's own metric
         history = {
             name: {
                 m.step: m.value for m in registry.client.get_metric_history(run.info.run_id, name)
             }
-            for name in ("accuracy", "loss", "sites_accepted")
+            for name in dict.fromkeys(
+                ["accuracy", "loss", *([lead] if lead else []), "sites_accepted"]
+            )
             if name in metrics
         }
         steps = sorted({step for series in history.values() for step in series})
@@ -238,6 +243,8 @@ def render_text(lineage: Lineage) -> str:
         f"Prefect flow run {lineage.prefect_flow_run_id})"
     )
     add(f"  weights        sha256 {lineage.weights_sha256}")
+    if lineage.preprocessing_sha256:
+        add(f"  preprocessing  sha256 {lineage.preprocessing_sha256}")
     add("")
     add("Config revision")
     config = lineage.config

@@ -2,14 +2,19 @@
 
 Every finished training run registers its global model as a new version of the
 federation's registered model (``<federation>-global`` by default) with alias
-``candidate``. The logged model carries, beside the torch.export program MLflow serves,
-the exact global weights (``extra_files/weights.safetensors``) and the model config, so a
-version can be verified and evaluated without unpickling anything. Version tags:
+``candidate``. The logged model is a pyfunc model that serves raw inputs, preprocessing
+included (``mlflow.pyfunc.load_model("models:/<name>@candidate").predict(rows)``; see
+:mod:`fedround.tasks.serving`). Its folder holds the exact global weights
+(``data/fedround/weights.safetensors``), the model config and, for tables, the federation's
+preprocessor, so a version can be verified and evaluated without unpickling anything.
+Version tags:
 
 - lineage: ``fedround.run_id``, ``fedround.federation``, ``fedround.tenant``, config
   revision, ``fedround.sites``, ``fedround.rounds``, ``fedround.accuracy``, ...;
-- integrity: ``fedround.weights_sha256`` (the checkpoint's digest) and
-  ``fedround.artifacts_sha256`` (all files of the logged model);
+- integrity: ``fedround.weights_sha256`` (the checkpoint's digest),
+  ``fedround.preprocessing_sha256`` (tables) and ``fedround.artifacts_sha256`` (the files
+  of the logged model, less the bookkeeping MLflow writes into it: see
+  :data:`MLFLOW_BOOKKEEPING`);
 - version: ``fedround.semver`` (see :mod:`fedround.tasks.core.semver`),
   ``fedround.semver_change``, ``fedround.parent_version`` for a fine-tuned model;
 - lifecycle: ``fedround.status`` (candidate, canary, production, deprecated, rejected,
@@ -32,11 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from fedround.tasks.core.config import FederationConfig, ModelConfig
 from fedround.tasks.core.errors import FedroundError
 from fedround.tasks.core.models import build_model
+from fedround.tasks.core.preprocessing import Preprocessor
 from fedround.tasks.core.semver import SemVer, bump
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
 
@@ -54,6 +58,15 @@ DEPRECATED = "deprecated"
 HISTORY_TAG = f"{TAG}production_history"
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
+PREPROCESSING_FILE = "preprocessing.json"
+LOGGED_MODEL_NAME = "global-model"
+# Files MLflow itself writes into a logged model's folder after it was logged, which the
+# artifacts digest therefore leaves out (by name, at the folder's top level only; every
+# other file counts, the weights included):
+# - ``registered_model_meta``: written by ``mlflow.pyfunc.load_model("models:/...")`` into
+#   the model's folder (in place, on a local artifact store: the embedded default) with
+#   the registered name and version it was loaded as.
+MLFLOW_BOOKKEEPING = frozenset({"registered_model_meta"})
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
@@ -82,17 +95,22 @@ def quiet_downloads() -> None:
 
 
 def _digest_tree(root: Path) -> str:
-    """One SHA-256 over every file under ``root`` (relative path and content)."""
+    """One SHA-256 over every file of the logged model under ``root`` (relative path and
+    content), except MLflow's own bookkeeping files (:data:`MLFLOW_BOOKKEEPING`)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        relative = path.relative_to(root).as_posix()
+        if relative in MLFLOW_BOOKKEEPING:
+            continue
+        digest.update(relative.encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
 
 @dataclass(frozen=True)
 class VerifiedModel:
-    """A registered version whose artifacts passed their digest checks."""
+    """A registered version whose artifacts passed their digest checks: its weights, the
+    model config it was built with and, for a table model, its preprocessor."""
 
     name: str
     version: str
@@ -100,6 +118,12 @@ class VerifiedModel:
     weights_sha256: str
     model_config: ModelConfig
     tags: dict[str, str]
+    preprocessor: Preprocessor | None = None
+
+    @property
+    def preprocessing_bytes(self) -> bytes | None:
+        """The preprocessor as published to sites (its digest is ``preprocessor.sha256()``)."""
+        return self.preprocessor.model_dump_json().encode() if self.preprocessor else None
 
     @property
     def semver(self) -> str | None:
@@ -235,7 +259,10 @@ class ModelRegistry:
                     f"since registration ({TAG}artifacts_sha256 {recorded[:12]}…). Refusing it."
                 )
             model_config = ModelConfig.model_validate_json(config_file.read_text())
-        return VerifiedModel(self.name, str(version), payload, actual, model_config, tags)
+            preprocessor = _verified_preprocessor(label, local, tags)
+        return VerifiedModel(
+            self.name, str(version), payload, actual, model_config, tags, preprocessor
+        )
 
     # --- writing ----------------------------------------------------------------------
 
@@ -256,6 +283,38 @@ class ModelRegistry:
 
     def set_production_history(self, versions: list[str]) -> None:
         self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(versions))
+
+
+def _verified_preprocessor(label: str, local: Path, tags: dict[str, str]) -> Preprocessor | None:
+    """A version's preprocessor, checked against its ``preprocessing_sha256`` tag: present
+    exactly when the tag is."""
+    from fedround.tasks.serving import read_preprocessor
+
+    expected = tags.get(f"{TAG}preprocessing_sha256")
+    found = next(iter(local.rglob(PREPROCESSING_FILE)), None)
+    if found is None:
+        if expected:
+            raise RegistryError(
+                f"{label}: artifact {PREPROCESSING_FILE} is missing, yet the version records "
+                f"a preprocessor ({TAG}preprocessing_sha256). Refusing it."
+            )
+        return None
+    if not expected:
+        raise RegistryError(
+            f"{label} carries {PREPROCESSING_FILE} but no {TAG}preprocessing_sha256 tag to "
+            "check it against. Refusing it."
+        )
+    try:
+        preprocessor = read_preprocessor(found)
+    except ValueError as exc:
+        raise RegistryError(f"{label}: {PREPROCESSING_FILE} is not a preprocessor: {exc}") from None
+    if preprocessor.sha256() != expected:
+        raise RegistryError(
+            f"{label} fails its digest check: {PREPROCESSING_FILE} has sha256 "
+            f"{preprocessor.sha256()[:12]}…, the version's {TAG}preprocessing_sha256 tag says "
+            f"{expected[:12]}…. Refusing it."
+        )
+    return preprocessor
 
 
 # --- registration --------------------------------------------------------------------
@@ -327,34 +386,50 @@ def register_candidate(
     weights: Weights,
     version_tags: dict[str, str],
     parent: str | None = None,
+    model_config: ModelConfig | None = None,
+    preprocessor: Preprocessor | None = None,
 ) -> RegisteredModel:
     """Log the global model and register it as a new version with alias ``candidate``.
 
-    ``parent`` is the version training started from (``--init-from``), if any.
+    ``parent`` is the version training started from (``--init-from``), if any;
+    ``model_config`` the model as the run built it (defaults to the config's);
+    ``preprocessor`` the run's federated preprocessor (tables), which the logged model
+    applies to raw rows. The logged model is a pyfunc model with a signature and an input
+    example (see :mod:`fedround.tasks.serving`).
     """
     import mlflow
 
+    from fedround.tasks import serving
+
     quiet_downloads()
     registry = ModelRegistry(tracker.tracking_uri, config.model_name)
-    model = build_model(config.model, seed=0)
+    built = model_config or config.model
+    model = build_model(built, seed=0)
     model.load_state_dict(weights)
     model.eval()
     payload = weights_to_bytes(weights)
-    model_config = config.model.model_dump(mode="json")
+    model_config_json = built.model_dump(mode="json")
+    example: Any
+    if preprocessor is not None:
+        signature, example = (
+            serving.table_signature(preprocessor),
+            serving.table_example(preprocessor),
+        )
+    else:
+        signature, example = serving.array_signature(model, serving.array_features(built, model))
     mlflow.set_tracking_uri(tracker.tracking_uri)
     mlflow.set_registry_uri(tracker.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="fedround-register-") as tmp:
-        weights_file = Path(tmp) / WEIGHTS_FILE
-        weights_file.write_bytes(payload)
-        config_file = Path(tmp) / MODEL_CONFIG_FILE
-        config_file.write_text(json.dumps(model_config, sort_keys=True))
+        data, settings = serving.write_model_data(Path(tmp), payload, built, preprocessor)
         with mlflow.start_run(run_id=tracker.mlflow_run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name="global-model",
-                input_example=np.zeros((2, 784), dtype=np.float32),
-                pip_requirements=["torch==2.13.0"],
-                extra_files=[str(weights_file), str(config_file)],
+            info = mlflow.pyfunc.log_model(
+                name=LOGGED_MODEL_NAME,
+                loader_module=serving.LOADER_MODULE,
+                data_path=str(data),
+                model_config=settings,
+                signature=signature,
+                input_example=example,
+                pip_requirements=serving.pip_requirements(built),
             )
     if not registry.exists():
         from mlflow.exceptions import MlflowException
@@ -366,11 +441,13 @@ def register_candidate(
     tags = {
         f"{TAG}federation": config.federation,
         f"{TAG}tenant": config.tenant,
-        f"{TAG}model_config": json.dumps(model_config, sort_keys=True),
+        f"{TAG}model_config": json.dumps(model_config_json, sort_keys=True),
         f"{TAG}status": CANDIDATE,
         **version_tags,
         f"{TAG}weights_sha256": sha256_hex(payload),
     }
+    if preprocessor is not None:
+        tags[f"{TAG}preprocessing_sha256"] = preprocessor.sha256()
     if parent is not None:
         tags[f"{TAG}parent_version"] = parent
     created = registry.client.create_model_version(
@@ -381,7 +458,7 @@ def register_candidate(
         model_id=info.model_id,
     )
     version = str(created.version)
-    semver = _assign_semver(registry, version, model_config, parent)
+    semver = _assign_semver(registry, version, model_config_json, parent)
     with tempfile.TemporaryDirectory(prefix="fedround-digest-") as tmp:
         local = registry.download(version, Path(tmp))
         registry.set_tags(version, {f"{TAG}artifacts_sha256": _digest_tree(local)})

@@ -8,7 +8,13 @@ metrics ever leave a site). The gates, in the order they are reported:
    models) beats production by at least δ (``min_gain``);
 3. ``site_regression``: no site is worse than under production by more than ε
    (``max_site_drop``);
-4. ``site_floor``: the worst site's metric is at least the floor (at most, for a loss).
+4. ``site_floor``: the worst site's metric is at least the floor (at most, for a metric
+   where lower is better).
+
+The metric is any one the sites report (``promotion.metric``, by default
+``evaluation.metric``); its direction (``higher`` or ``lower`` is better) comes from the
+federation config (:meth:`~fedround.tasks.core.config.FederationConfig.metric_direction`).
+"Gain" and "drop" are measured in that direction: for ``mae`` a gain is a fall.
 
 With no production model yet (the first promotion) only the quorum and floor gates apply:
 there is nothing to compare with, and the decision says so. Pure functions, exact tests.
@@ -51,6 +57,7 @@ class GateDecision:
     passed: bool
     first_production: bool
     metric: str
+    direction: str
     gates: list[GateResult]
     global_candidate: float | None
     global_production: float | None
@@ -75,10 +82,6 @@ class GateDecision:
         return data
 
 
-def higher_is_better(metric: str) -> bool:
-    return metric != "loss"
-
-
 def weighted_mean(metrics: Mapping[str, SiteMetric], sites: list[str]) -> float | None:
     total = sum(metrics[s].num_examples for s in sites)
     if not sites or total <= 0:
@@ -96,11 +99,17 @@ def decide(
     policy: PromotionConfig,
     min_sites: int,
     unavailable: Mapping[str, str] | None = None,
+    *,
+    metric: str,
+    direction: str,
 ) -> GateDecision:
-    """Apply the gates of ``policy``; ``production`` is ``None`` when there is none yet."""
-    up = higher_is_better(policy.metric)
+    """Apply the gates of ``policy`` to the sites' figures for ``metric`` (``direction``:
+    ``higher`` or ``lower`` is better); ``production`` is ``None`` when there is none yet."""
+    if direction not in ("higher", "lower"):
+        raise ValueError(f"direction must be 'higher' or 'lower', got {direction!r}")
+    up = direction == "higher"
     sign = 1.0 if up else -1.0
-    name = policy.metric
+    name = metric
     gates: list[GateResult] = []
     evaluated = sorted(candidate)
     gates.append(
@@ -175,6 +184,7 @@ def decide(
         passed=all(g.passed for g in gates),
         first_production=production is None,
         metric=name,
+        direction=direction,
         gates=gates,
         global_candidate=global_candidate,
         global_production=global_production,

@@ -4,7 +4,9 @@ demo sites (each with its own S3 identity, evaluating on its own held-out data).
 
 Models are registered directly (no federation run): a "good" model trained centrally for
 two epochs and a "bad" one left at its random initialisation, so every gate decision is
-known in advance. Each test uses its own registered model name in one federation.
+known in advance. Each test uses its own registered model name in one federation. One test
+promotes a table model (regression, gated on mae: lower is better) whose preprocessor is
+published to the sites with the weights.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from minio import Minio
@@ -30,12 +33,15 @@ from fedround.tasks.core import keys
 from fedround.tasks.core.config import (
     FederationConfig,
     ModelConfig,
+    TableConfig,
     TrainingConfig,
     load_federation_config,
 )
 from fedround.tasks.core.errors import FedroundError
 from fedround.tasks.core.models import build_model
+from fedround.tasks.core.preprocessing import Preprocessor, merge_summaries, summarize_table
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
+from fedround.tasks.core.usercode import RoundContext, SiteDataset, resolve_model_config
 from fedround.tasks.object_store import ObjectStoreSettings, S3ObjectStore
 from fedround.tasks.registry import ModelRegistry, register_candidate
 from fedround.tasks.tracking import RunTracker
@@ -83,14 +89,28 @@ class World:
         )
         return path
 
-    def register(self, model: str, weights: Weights, config_path: Path | None = None) -> str:
+    def register(
+        self,
+        model: str,
+        weights: Weights,
+        config_path: Path | None = None,
+        model_config: ModelConfig | None = None,
+        preprocessor: Preprocessor | None = None,
+    ) -> str:
         existing = self.state / "configs" / f"{model}.yaml"
         config_path = config_path or (existing if existing.exists() else self.config(model))
         config = load_federation_config(config_path)
         run_id = f"{model}-{len(self.runs)}"
         self.runs.append(run_id)
         tracker = RunTracker.start(self.tracking_uri, config, run_id, tags={})
-        registered = register_candidate(tracker, config, weights, {"fedround.run_id": run_id})
+        registered = register_candidate(
+            tracker,
+            config,
+            weights,
+            {"fedround.run_id": run_id},
+            model_config=model_config,
+            preprocessor=preprocessor,
+        )
         tracker.finish()
         return registered.version
 
@@ -134,7 +154,9 @@ def world(local_services: Endpoints, tmp_path_factory: pytest.TempPathFactory) -
         features = torch.from_numpy(np.concatenate([s.features for s in shards]))
         labels = torch.from_numpy(np.concatenate([s.labels for s in shards]))
         model = build_model(ModelConfig(), seed=1)
-        good = train_locally(model, features, labels, TrainingConfig(local_epochs=2), 1).weights
+        central = SiteDataset(features, labels, task="classification", num_classes=10)
+        context = RoundContext(FEDERATION, run_id="central", site="central", round=1, seed=1)
+        good = train_locally(model, central, TrainingConfig(local_epochs=2), context).weights
         bad = build_model(ModelConfig(), seed=2).state_dict()
         dispatcher = EmbeddedDispatcher(site_configs, 2)
         dispatcher.warm_up()
@@ -183,7 +205,7 @@ def test_registration_has_alias_lineage_semver_and_digest_tags(world: World) -> 
     ).list_objects("mlflow", recursive=True)
     model_id = version.source.split("/")[-1]
     stored = [o.object_name for o in objects if model_id in str(o.object_name)]
-    assert any(str(name).endswith("extra_files/weights.safetensors") for name in stored)
+    assert any(str(name).endswith("data/fedround/weights.safetensors") for name in stored)
 
     # a different architecture: a major version (minor and patch: unit tests and the e2e test)
     wide = world.config(model, "model: {conv1: 8}\n", file=f"{model}-wide")
@@ -342,6 +364,107 @@ def test_staged_rollout_canary_first_then_everyone(world: World) -> None:
         "canary",
         "rollback",
     ]
+
+
+# --- a table model: its preprocessor travels with it, gates on mae ----------------------
+
+TABLE = TableConfig(
+    features=["size", "color"], categorical=["color"], label="price", task="regression"
+)
+
+
+def _rows(n: int, seed: int, shift: float) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    size = rng.normal(50.0 + shift, 10.0, n)
+    color = rng.choice(["red", "green", "blue"], n)
+    price = 3.0 * size + np.where(color == "red", 20.0, 0.0) + rng.normal(0.0, 1.0, n)
+    return pd.DataFrame({"size": size, "color": color, "price": price})
+
+
+def test_table_model_is_evaluated_with_its_preprocessor_and_gated_on_mae(world: World) -> None:
+    """Three table sites (CSV files, their own S3 identities) evaluate a regression model
+    with the preprocessor registered with it; the gates compare mae, lower is better."""
+    import mlflow
+
+    from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
+    from fedround.site_workers.settings import SiteSettings, write_site_settings
+
+    model = f"table-{uuid.uuid4().hex[:6]}"
+    frames = {site: _rows(120, i, shift=5.0 * i) for i, site in enumerate(SITES)}
+    site_configs = {}
+    for site, frame in frames.items():
+        folder = world.state / model / site
+        folder.mkdir(parents=True)
+        frame.iloc[:80].to_csv(folder / "train.csv", index=False)
+        frame.iloc[80:].to_csv(folder / "test.csv", index=False)
+        creds = world.services.site_credentials(FEDERATION, site)
+        settings = SiteSettings(
+            site=site,
+            federation=FEDERATION,
+            data_dir=folder,
+            train_file="train.csv",
+            test_file="test.csv",
+            object_store=ObjectStoreSettings.model_validate(creds.object_store_settings()),
+        )
+        write_site_settings(folder / "site.yaml", settings)
+        site_configs[site] = folder / "site.yaml"
+    config_path = world.state / "configs" / f"{model}.yaml"
+    (config_path.parent / "suite.json").write_bytes(SUITE.read_bytes())
+    config_path.write_text(
+        f"federation: {FEDERATION}\ntenant: acme\nrounds: 2\n"
+        f"data: {{kind: table, source: sites, table: {TABLE.model_dump_json()}}}\n"
+        "model: {factory: logistic_regression}\n"
+        "evaluation: {metric: mae}\n"
+        "selection: {min_sites: 2, deadline_s: 120}\n"
+        f"registry: {{model_name: {model}}}\ncontract: suite.json\n"
+        f"sites: [{', '.join('{name: ' + s + '}' for s in SITES)}]\n"
+    )
+    config = load_federation_config(config_path)
+    train = [frame.iloc[:80] for frame in frames.values()]
+    preprocessor = merge_summaries([summarize_table(f, TABLE) for f in train], TABLE)
+    model_config = resolve_model_config(config.model, preprocessor.n_features, 1)
+    # good: least squares on the preprocessed rows; bad: the factory's random start
+    inputs, targets = preprocessor.transform(pd.concat(train))
+    design = np.hstack([inputs, np.ones((len(inputs), 1), np.float32)]).astype(np.float64)
+    solution = np.linalg.lstsq(design, targets.astype(np.float64), rcond=None)[0]
+    good = {
+        "weight": torch.tensor(solution[None, :-1], dtype=torch.float32),
+        "bias": torch.tensor(solution[-1:], dtype=torch.float32),
+    }
+    bad = build_model(model_config, seed=2).state_dict()
+
+    dispatcher = EmbeddedDispatcher(site_configs, 2)
+    token = current_dispatcher.set(dispatcher)
+    try:
+        register = {"model_config": model_config, "preprocessor": preprocessor}
+        v1 = world.register(model, bad, config_path, **register)
+        first = promote(world, config_path)
+        v2 = world.register(model, good, config_path, **register)
+        second = promote(world, config_path)
+    finally:
+        current_dispatcher.reset(token)
+        dispatcher.close()
+    assert (first.outcome, first.production) == ("promoted", v1)
+    assert (second.outcome, second.production, second.previous_production) == (
+        "promoted",
+        v2,
+        v1,
+    )
+    decision = second.decision
+    assert (decision["metric"], decision["direction"]) == ("mae", "lower")
+    assert set(decision["sites"]) == set(SITES)
+    assert decision["global_candidate"] < 2.0 < 50.0 < decision["global_production"]
+    published = world.store.list(f"{FEDERATION}/global/evaluations/")
+    assert any(k.endswith("/candidate.preprocessing.json") for k in published)
+
+    # the production model, loaded from the MLflow server, serves raw rows
+    mlflow.set_tracking_uri(world.tracking_uri)
+    served = mlflow.pyfunc.load_model(f"models:/{model}@production")
+    held_out = frames["site-b"].iloc[80:]
+    predicted = served.predict(held_out)
+    assert list(predicted.index) == list(held_out.index)  # rows keep their index
+    error = float((predicted["prediction"] - held_out["price"]).abs().mean())
+    assert error == pytest.approx(decision["sites"]["site-b"]["candidate"], rel=1e-4)
 
 
 # --- single writer ----------------------------------------------------------------------

@@ -80,6 +80,7 @@ def test_bump_uses_reference() -> None:
 # --- gates ---------------------------------------------------------------------------
 
 POLICY = PromotionConfig(min_gain=0.01, max_site_drop=0.02, site_floor=0.80)
+ACCURACY = {"metric": "accuracy", "direction": "higher"}
 
 
 def metrics(**values: tuple[float, int]) -> dict[str, SiteMetric]:
@@ -89,7 +90,7 @@ def metrics(**values: tuple[float, int]) -> dict[str, SiteMetric]:
 def test_all_gates_pass_with_exact_figures() -> None:
     production = metrics(a=(0.90, 100), b=(0.80, 300))
     candidate = metrics(a=(0.91, 100), b=(0.82, 300))
-    decision = decide(candidate, production, POLICY, min_sites=2)
+    decision = decide(candidate, production, POLICY, min_sites=2, **ACCURACY)
     assert decision.passed and not decision.first_production
     assert decision.global_production == pytest.approx((90 + 240) / 400)
     assert decision.global_candidate == pytest.approx((91 + 246) / 400)
@@ -100,7 +101,7 @@ def test_all_gates_pass_with_exact_figures() -> None:
 def test_global_gain_gate_fails_below_delta() -> None:
     production = metrics(a=(0.90, 100), b=(0.90, 100))
     candidate = metrics(a=(0.905, 100), b=(0.905, 100))  # +0.005 < δ = 0.01
-    decision = decide(candidate, production, POLICY, min_sites=2)
+    decision = decide(candidate, production, POLICY, min_sites=2, **ACCURACY)
     assert not decision.passed
     assert decision.failed == [GLOBAL_GAIN]
     assert "gain +0.0050, at least +0.0100 required" in decision.summary()
@@ -109,27 +110,29 @@ def test_global_gain_gate_fails_below_delta() -> None:
 def test_gain_exactly_delta_passes_despite_float_rounding() -> None:
     production = metrics(a=(0.91, 1))
     candidate = metrics(a=(0.92, 1))  # 0.92 - 0.91 = 0.010000000000000009 or 0.00999…
-    assert decide(candidate, production, POLICY, min_sites=1).passed
+    assert decide(candidate, production, POLICY, min_sites=1, **ACCURACY).passed
 
 
 def test_one_site_regressing_more_than_epsilon_fails() -> None:
     production = metrics(a=(0.80, 100), b=(0.90, 900))
     candidate = metrics(a=(0.77, 100), b=(0.95, 900))  # global improves, site a drops 0.03
-    decision = decide(candidate, production, POLICY, min_sites=2)
+    decision = decide(candidate, production, POLICY, min_sites=2, **ACCURACY)
     assert decision.failed == [SITE_REGRESSION, SITE_FLOOR]
     assert "a 0.7700 vs 0.8000" in decision.summary()
 
 
 def test_floor_and_quorum() -> None:
     candidate = metrics(a=(0.79, 100))
-    decision = decide(candidate, None, POLICY, min_sites=2, unavailable={"b": "timed out"})
+    decision = decide(
+        candidate, None, POLICY, min_sites=2, unavailable={"b": "timed out"}, **ACCURACY
+    )
     assert decision.first_production
     assert decision.failed == [QUORUM, SITE_FLOOR]
     assert decision.unavailable == {"b": "timed out"}
 
 
 def test_first_production_only_needs_quorum_and_floor() -> None:
-    decision = decide(metrics(a=(0.85, 10), b=(0.95, 10)), None, POLICY, min_sites=2)
+    decision = decide(metrics(a=(0.85, 10), b=(0.95, 10)), None, POLICY, min_sites=2, **ACCURACY)
     assert decision.passed and decision.first_production
     assert [g.gate for g in decision.gates] == [QUORUM, SITE_FLOOR]
     assert decision.summary().startswith("first production model")
@@ -137,20 +140,58 @@ def test_first_production_only_needs_quorum_and_floor() -> None:
 
 def test_loss_metric_is_lower_is_better() -> None:
     policy = PromotionConfig(metric="loss", min_gain=0.05, max_site_drop=0.1, site_floor=0.5)
+    lower = {"metric": "loss", "direction": "lower"}
     production = metrics(a=(0.40, 10), b=(0.40, 10))
     better = metrics(a=(0.30, 10), b=(0.34, 10))
-    assert decide(better, production, policy, min_sites=2).passed
+    assert decide(better, production, policy, min_sites=2, **lower).passed
     worse_site = metrics(a=(0.10, 10), b=(0.52, 10))  # b's loss rose 0.12 > ε, above ceiling
-    assert decide(worse_site, production, policy, min_sites=2).failed == [
+    assert decide(worse_site, production, policy, min_sites=2, **lower).failed == [
         SITE_REGRESSION,
         SITE_FLOOR,
     ]
 
 
+def test_any_named_metric_gates_in_its_configured_direction() -> None:
+    """A regression federation promotes on mae (lower is better), named by
+    evaluation.metric; promotion.metric unset falls back to it."""
+    config = parse_federation_config(
+        "federation: f\ncontract: c.json\nsites: [{name: a}, {name: b}]\n"
+        "evaluation: {metric: mae}\n"
+        "promotion: {min_gain: 0.1, max_site_drop: 0.05, site_floor: 2.0}\n"
+    )
+    assert (config.promotion_metric, config.metric_direction()) == ("mae", "lower")
+    gate = {"metric": config.promotion_metric, "direction": config.metric_direction()}
+    production = metrics(a=(1.50, 100), b=(1.80, 300))
+    candidate = metrics(a=(1.40, 100), b=(1.60, 300))  # global mae 1.725 → 1.55: gain 0.175
+    decision = decide(candidate, production, config.promotion, min_sites=2, **gate)
+    assert decision.passed, decision.summary()
+    assert (decision.metric, decision.direction) == ("mae", "lower")
+    assert decision.global_candidate == pytest.approx(1.55)
+    assert "gain +0.1750" in decision.summary()
+    # a candidate with a *higher* mae is worse, although the number grew
+    worse = metrics(a=(1.60, 100), b=(1.90, 300))
+    assert decide(worse, production, config.promotion, min_sites=2, **gate).failed == [
+        GLOBAL_GAIN,
+        SITE_REGRESSION,
+    ]
+    # the floor is a ceiling for a lower-is-better metric: site b at 2.1 > 2.0 fails it
+    ceiling = metrics(a=(1.0, 100), b=(2.1, 10))
+    assert SITE_FLOOR in decide(ceiling, None, config.promotion, min_sites=2, **gate).failed
+    # promotion.metric overrides evaluation.metric; a metric of your own needs a direction
+    own = parse_federation_config(
+        "federation: f\ncontract: c.json\nsites: [{name: a}]\n"
+        "evaluation: {metric: mae, directions: {pinball: lower}}\n"
+        "promotion: {metric: pinball}\n"
+    )
+    assert (own.promotion_metric, own.metric_direction()) == ("pinball", "lower")
+    with pytest.raises(ValueError, match="direction must be"):
+        decide(candidate, production, config.promotion, min_sites=2, metric="x", direction="up")
+
+
 def test_only_sites_evaluating_both_models_are_compared() -> None:
     production = metrics(a=(0.9, 10))
     candidate = metrics(a=(0.95, 10), b=(0.5, 1000))  # b has no production figure
-    decision = decide(candidate, production, PromotionConfig(), min_sites=1)
+    decision = decide(candidate, production, PromotionConfig(), min_sites=1, **ACCURACY)
     assert decision.global_candidate == pytest.approx(0.95)
     assert decision.passed
 
