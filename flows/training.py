@@ -199,7 +199,9 @@ def evaluate_global(ctx: RunContext, weights: Weights) -> dict[str, float] | Non
     data = load_dataset(holdout, ctx.config.data, ctx.preprocessor)
     model = build_model(ctx.model, seed=0)
     model.load_state_dict(weights)
-    return evaluate_model(model, data, ctx.config.evaluation, "coordinator", ctx.config.federation)
+    return evaluate_model(
+        model, data, ctx.config.evaluation, "coordinator", ctx.config.federation, holdout
+    )
 
 
 @task(name="checkpoint", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 2, 5])
@@ -483,11 +485,16 @@ def _start_checkpoint(
 
 
 def _set_up_preprocessing(
-    store: ObjectStore, config: FederationConfig, run_id: str, passed: dict[str, ContractReport]
+    store: ObjectStore,
+    config: FederationConfig,
+    run_id: str,
+    passed: dict[str, ContractReport],
+    inherited: Preprocessor | None = None,
 ) -> tuple[Preprocessor | None, str | None]:
     """Tables: merge the passing sites' summaries (each bounded by the rows its contract
     checked) into the run's preprocessor, publish it for the sites. A resumed run keeps
-    the preprocessor it started with, so its rounds stay byte-identical."""
+    the preprocessor it started with, so its rounds stay byte-identical; a run that
+    fine-tunes a registered table model keeps that model's (``inherited``)."""
     table = config.data.table
     if config.data.kind != "table" or table is None:
         return None, None
@@ -496,6 +503,10 @@ def _set_up_preprocessing(
         payload = store.get(key)
         get_run_logger().info("run %s keeps its preprocessor from the first attempt", run_id)
     except ObjectNotFound:
+        if inherited is not None:
+            payload = inherited.model_dump_json().encode()
+            store.put(key, payload)
+            return inherited, sha256_hex(payload)
         summaries = [
             bound_summary(report.data_summary, table, report.row_count)
             for _, report in sorted(passed.items())
@@ -623,7 +634,9 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
     try:
         dispatcher.open_run(run_id, [site.name for site in config.sites])
         passed, excluded = _check_contracts(config, run_id)
-        preprocessor, preprocessing_sha256 = _set_up_preprocessing(store, config, run_id, passed)
+        preprocessor, preprocessing_sha256 = _set_up_preprocessing(
+            store, config, run_id, passed, lineage.initial_preprocessor()
+        )
         model_config = resolve_model_config(
             config.model,
             preprocessor.n_features if preprocessor else None,

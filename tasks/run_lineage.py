@@ -32,7 +32,9 @@ from fedround.tasks.core.config import FederationConfig, load_federation_config
 from fedround.tasks.core.contract_report import ContractReport
 from fedround.tasks.core.costs import SITE_FIGURES, summarize
 from fedround.tasks.core.errors import ConfigError
+from fedround.tasks.core.preprocessing import Preprocessor
 from fedround.tasks.core.serialization import Weights, weights_from_bytes
+from fedround.tasks.core.usercode import load_callable, resolve_model_config
 from fedround.tasks.plots import PLOTS, training_plots
 from fedround.tasks.registry import ModelRegistry, RegistryError, VerifiedModel, quiet_downloads
 
@@ -79,20 +81,29 @@ def resolve_init_from(uri: str, config: FederationConfig, tracking_uri: str) -> 
         parent = registry.verify(str(registry.resolve(uri).version))
     except RegistryError as exc:
         raise ConfigError(f"--init-from {uri}: {exc}") from exc
-    if parent.model_config != config.model:
+    wanted = config.model
+    if parent.preprocessor is not None:  # a table model: its inputs are fixed by its preprocessor
+        wanted = resolve_model_config(
+            config.model, parent.preprocessor.n_features, parent.preprocessor.n_outputs
+        )
+    if parent.model_config != wanted:
         raise ConfigError(
             f"--init-from {uri}: {parent.name} v{parent.version} has model "
             f"{parent.model_config.model_dump()}, the config asks for "
-            f"{config.model.model_dump()}; fine-tuning needs the same architecture"
+            f"{wanted.model_dump()}; fine-tuning needs the same architecture"
         )
     return parent
 
 
 def precheck(config_path: Path, allow_dirty: bool) -> None:
-    """Refuse a dirty config in well under a second, before any service starts."""
+    """Refuse a dirty config, or a model factory this machine cannot import, in seconds,
+    before any service starts (the coordinator builds the model; sites need it too)."""
+    config = load_federation_config(config_path)
+    load_callable(config.model.import_path, "model factory")
+    if config.evaluation.evaluate and config.evaluation.holdout:
+        load_callable(config.evaluation.evaluate, "evaluate function")
     if allow_dirty:
         return
-    config = load_federation_config(config_path)
     config_revision(config_path, config_path.parent / config.contract, allow_dirty=False)
 
 
@@ -134,6 +145,10 @@ class TrainingLineage:
             tags[f"{TAG}parent_version"] = self.parent.version
             tags[f"{TAG}parent_weights_sha256"] = self.parent.weights_sha256
         return tags
+
+    def initial_preprocessor(self) -> Preprocessor | None:
+        """A fine-tuned table model keeps its parent's preprocessing (its inputs' meaning)."""
+        return self.parent.preprocessor if self.parent else None
 
     def initial_weights(self) -> Weights | None:
         """Round-0 weights: the parent's, when the run fine-tunes a registered model."""
