@@ -202,3 +202,37 @@ def test_uniform_weighting_ignores_example_counts() -> None:
     strategy.accumulate({"w": torch.tensor([4.0])}, 1)
     strategy.accumulate({"w": torch.tensor([0.0])}, 99)
     assert strategy.finish()["w"].tolist() == [2.0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=3, max_size=3),
+            st.sampled_from([1.0, 1.0, 1.0, 50.0]),  # some updates boosted 50×
+            st.integers(1, 200),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_median_clipping_two_passes_equal_a_numpy_batch_reference(updates) -> None:
+    rows = [np.array(u, dtype=np.float32) * np.float32(boost) for u, boost, _ in updates]
+    counts = np.array([n for _, _, n in updates], dtype=np.float64)
+    # Batch reference: norms, bound = 5 × median norm, clip, example-weighted mean.
+    data = np.array(rows, dtype=np.float64)
+    norms = np.sqrt((data**2).sum(axis=1))
+    bound = 5 * np.median(norms)
+    scales = np.where(norms > bound, bound / np.where(norms > 0, norms, 1), 1.0)
+    expected = ((data * scales[:, None]) * counts[:, None]).sum(0) / counts.sum()
+    # Streaming: the default strategy, previewed then folded.
+    strategy = build_strategy("fedavg")
+    strategy.begin_round({"w": torch.zeros(3, dtype=torch.float64)})
+    tensors = [({"w": torch.from_numpy(row)}, int(n)) for row, n in zip(rows, counts, strict=True)]
+    for update, n in tensors:
+        strategy.preview(update, n)
+    for update, n in tensors:
+        strategy.accumulate(update, n)
+    result = strategy.finish()["w"].numpy()
+    np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-12)
+    assert strategy.report.scales == pytest.approx(list(scales), rel=1e-12)
