@@ -25,6 +25,12 @@ class SiteSettings(BaseModel):
         "test.npz", description="the held-out file in data_dir for federated evaluation"
     )
     object_store: ObjectStoreSettings
+    state_dir: Path | None = Field(
+        None,
+        description="where the site keeps its own strategy state across rounds and restarts "
+        "(SCAFFOLD's control variate, compression residuals); defaults to "
+        "<data_dir>/.fedround-state",
+    )
     threads: int = Field(1, ge=1, description="torch threads for local training")
     work_pool: str | None = Field(None, description="defaults to '<federation>-<site>'")
     prefect_api_url: str | None = Field(None, description="defaults to $PREFECT_API_URL")
@@ -32,6 +38,10 @@ class SiteSettings(BaseModel):
     @property
     def pool(self) -> str:
         return self.work_pool or f"{self.federation}-{self.site}"
+
+    @property
+    def site_state_dir(self) -> Path:
+        return self.state_dir or self.data_dir / ".fedround-state"
 
     @property
     def train_path(self) -> Path:
@@ -59,7 +69,10 @@ def load_site_settings(path: Path) -> SiteSettings:
     if store.root is not None and not store.root.is_absolute():
         store = store.model_copy(update={"root": (base / store.root).resolve()})
     data_dir = settings.data_dir if settings.data_dir.is_absolute() else base / settings.data_dir
-    return settings.model_copy(update={"data_dir": data_dir.resolve(), "object_store": store})
+    update: dict[str, object] = {"data_dir": data_dir.resolve(), "object_store": store}
+    if settings.state_dir is not None and not settings.state_dir.is_absolute():
+        update["state_dir"] = (base / settings.state_dir).resolve()
+    return settings.model_copy(update=update)
 
 
 def write_site_settings(path: Path, settings: SiteSettings) -> None:
