@@ -109,17 +109,14 @@ def table_example(preprocessor: Preprocessor, rows: int = EXAMPLE_ROWS) -> pd.Da
 
 
 def table_signature(preprocessor: Preprocessor) -> ModelSignature:
-    """Inputs: numeric features as doubles, categorical ones as any type (a category may be
-    spelled 3, 3.0 or "3" in a site's files). Outputs: see the module docstring."""
+    """Inputs: every feature as any type: a category may be spelled 3, 3.0 or "3" in a
+    site's files, and a numeric column may hold ints (MLflow refuses int64 values such as
+    ages or counts for a "double" column); ``predict`` checks that numeric columns hold
+    numbers. Outputs: see the module docstring."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    inputs = Schema(
-        [
-            ColSpec(AnyType(), c) if c in preprocessor.vocabularies else ColSpec("double", c)
-            for c in preprocessor.features
-        ]
-    )
+    inputs = Schema([ColSpec(AnyType(), c) for c in preprocessor.features])
     if preprocessor.task == "classification":
         outputs = Schema(
             [
@@ -280,6 +277,12 @@ class FedroundModel:
         preprocessor = self.preprocessor
         assert preprocessor is not None
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        numeric = [c for c in preprocessor.features if c not in preprocessor.vocabularies]
+        for column in (c for c in numeric if c in frame.columns):
+            values = frame[column]
+            bad = int((pd.to_numeric(values, errors="coerce").isna() & values.notna()).sum())
+            if bad:
+                raise ServingError(f"column {column!r} has {bad} values that are not numbers")
         try:
             features = preprocessor.transform_features(frame)
         except ValueError as exc:
