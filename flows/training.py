@@ -330,6 +330,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
             training=config.training,
             data=config.data,
             strategy=config.strategy,
+            compression=config.compression,
             preprocessing_sha256=ctx.preprocessing_sha256,
             context=run_context.current_fields(),
         )

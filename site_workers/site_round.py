@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedround.tasks import run_context
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import (
+    CompressionConfig,
     DataConfig,
     EvaluationConfig,
     ModelConfig,
@@ -45,6 +46,7 @@ from fedround.tasks.core.usercode import (
 )
 from fedround.tasks.object_store import ObjectStore, open_store
 
+from .compressed_update import prepare_upload
 from .contract import check_site_contract
 from .data import load_dataset
 from .flower import flower_client
@@ -71,6 +73,7 @@ class RoundSpec(BaseModel):
     training: TrainingConfig
     data: DataConfig = DataConfig()
     strategy: StrategyConfig = StrategyConfig()
+    compression: CompressionConfig = CompressionConfig()
     # The run's federated preprocessor (tables): the site fetches it and checks this digest.
     preprocessing_sha256: str | None = None
     # Federation context (tenant, config revision, ...): MLflow runs the site's code starts
@@ -207,11 +210,15 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         raise UserCodeError(f"training changed the model's parameter names: {unexpected[:5]}")
     delta = {name: local.weights[name] - global_weights[name] for name in global_weights}
     delta = apply_update_hooks(hooks, delta)
-    payload = weights_to_bytes(delta)
+    upload = prepare_upload(
+        delta, spec.compression, spec.seed, settings.site_state_dir, spec.federation, spec.run_id
+    )
+    payload = weights_to_bytes(upload.tensors)
     metrics = {
         **local.metrics,
         "train_seconds": local.seconds,
         "bytes_down": float(nbytes_down),
+        "bytes_up_dense": float(upload.dense_nbytes),  # beside bytes_up (encoded)
     }
     if dispatch_latency is not None:
         metrics["dispatch_latency_seconds"] = dispatch_latency
@@ -226,11 +233,13 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         sha256=sha256_hex(payload),
         nbytes=len(payload),
         metrics=metrics,
+        encoding=upload.encoding,
     )
     update_key = keys.update_key(spec.federation, spec.run_id, spec.round, spec.site)
     manifest_key = keys.update_manifest_key(spec.federation, spec.run_id, spec.round, spec.site)
     store.put(update_key, payload)  # data first, manifest last: a manifest means complete
     store.put(manifest_key, manifest.to_json())
+    upload.commit()  # the error-feedback residual, once the update is uploaded
     seconds = time.perf_counter() - started
     log.info(
         "site %s round %d: %d examples, train loss %.4f, %d bytes up",

@@ -473,6 +473,54 @@ class SelectionConfig(_Strict):
     )
 
 
+class CompressionConfig(_Strict):
+    """Compressed updates, site → coordinator (see :mod:`fedround.tasks.core.compression`).
+
+    ``quantize_bits: 8``: every value sent as one of 256 levels, rounded at random so the
+    mean stays unbiased (4× fewer bytes). ``topk_ratio``: each tensor sends only this
+    share of its entries, largest magnitudes first; with ``error_feedback`` (the default)
+    the rest stays at the site and is added to its next update. Both together compose.
+    """
+
+    quantize_bits: int | None = Field(
+        None, description="8: 8-bit stochastic quantization; leave out for full precision"
+    )
+    topk_ratio: float | None = Field(
+        None, description="share of each tensor's entries a site sends, in (0, 1]"
+    )
+    error_feedback: bool = Field(
+        True, description="top-k: keep what was not sent at the site and add it next round"
+    )
+
+    @field_validator("quantize_bits")
+    @classmethod
+    def _bits(cls, value: int | None) -> int | None:
+        if value is not None and (isinstance(value, bool) or value != 8):
+            raise ValueError(
+                f"quantize_bits must be 8 (got {value}): only 8-bit quantization is "
+                "supported; leave it out to send full precision"
+            )
+        return value
+
+    @field_validator("topk_ratio")
+    @classmethod
+    def _ratio(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(
+                f"topk_ratio must be in (0, 1] (got {value}): the share of each tensor's "
+                "entries a site sends, e.g. 0.1"
+            )
+        return value
+
+    @property
+    def encoding(self) -> str:
+        """``dense``, ``q8``, ``topk`` or ``topk+q8``: what sites write in their manifests."""
+        parts = (["topk"] if self.topk_ratio is not None else []) + (
+            ["q8"] if self.quantize_bits else []
+        )
+        return "+".join(parts) or "dense"
+
+
 class LimitsConfig(_Strict):
     """Bounds every update must respect (anything else is rejected and logged)."""
 
@@ -570,6 +618,7 @@ class FederationConfig(_Strict):
     strategy: StrategyConfig = StrategyConfig()
     selection: SelectionConfig = SelectionConfig()
     limits: LimitsConfig = LimitsConfig()
+    compression: CompressionConfig = CompressionConfig()
     registry: RegistryConfig = RegistryConfig()
     promotion: PromotionConfig = PromotionConfig()
     schedule: ScheduleConfig = ScheduleConfig()

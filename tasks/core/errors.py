@@ -48,6 +48,7 @@ class RejectReason(StrEnum):
     NOT_FINITE = "not_finite"
     NORM_TOO_LARGE = "norm_too_large"
     BAD_EXAMPLE_COUNT = "bad_example_count"
+    BAD_ENCODING = "bad_encoding"  # a compressed update that cannot be decoded
 
 
 class UpdateRejected(FedroundError):

@@ -38,6 +38,9 @@ class UpdateManifest(_Frozen):
     nbytes: int = Field(ge=0)
     created_at: datetime = Field(default_factory=utc_now)
     metrics: dict[str, float] = Field(default_factory=dict)
+    # How the payload is encoded (see compression.py): dense, q8, topk or topk+q8. Older
+    # manifests have no such field: their updates are dense.
+    encoding: str = "dense"
 
     @classmethod
     def from_json(cls, data: bytes) -> UpdateManifest:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compression import decode_update
 from .errors import RejectReason, UpdateRejected
 from .manifest import UpdateManifest
 from .serialization import Weights, sha256_hex, weights_from_bytes
@@ -113,7 +114,11 @@ def check_tensors(weights: Mapping[str, torch.Tensor], expected: UpdateExpectati
 def validate_update(
     manifest: UpdateManifest, payload: bytes, expected: UpdateExpectation
 ) -> Weights:
-    """Validate an uploaded update and return its tensors, or raise :class:`UpdateRejected`."""
+    """Validate an uploaded update and return its tensors, or raise :class:`UpdateRejected`.
+
+    The size limit applies to the bytes as uploaded (encoded); a compressed update is
+    decoded (:func:`~.compression.decode_update`, which checks its parts) before the
+    checks on the dense update it stands for."""
     if len(payload) > expected.max_bytes:
         raise _reject(
             RejectReason.TOO_LARGE, f"{len(payload)} bytes exceeds the limit {expected.max_bytes}"
@@ -125,6 +130,6 @@ def validate_update(
             f"payload sha256 {digest[:12]}… does not match the manifest's {manifest.sha256[:12]}…",
         )
     check_manifest(manifest, expected)
-    weights = weights_from_bytes(payload)
+    weights = decode_update(weights_from_bytes(payload), manifest.encoding, expected.specs)
     check_tensors(weights, expected)
     return weights
