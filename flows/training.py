@@ -47,6 +47,7 @@ from fedround.tasks.checkpoints import (
     read_manifest,
     save_checkpoint,
 )
+from fedround.tasks.control_variate import publish_control
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import (
     FederationConfig,
@@ -64,6 +65,7 @@ from fedround.tasks.core.errors import (
 from fedround.tasks.core.manifest import CheckpointManifest, GlobalManifest, UpdateManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.preprocessing import Preprocessor, bound_summary, merge_summaries
+from fedround.tasks.core.reputation import Reputation, split_state
 from fedround.tasks.core.selection import derive_seed, select_sites
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
 from fedround.tasks.core.strategies import build_strategy
@@ -104,6 +106,11 @@ class RoundSummary(BaseModel):
     failed: dict[str, str] = Field(default_factory=dict)
     # Updates that arrived for rounds already closed, found (and rejected) in this one.
     late: dict[str, str] = Field(default_factory=dict)
+    # Reputation: sites left out of this round for their strikes (site → reason), the
+    # strikes of every site with a record, and the sites flagged after this round.
+    left_out: dict[str, str] = Field(default_factory=dict)
+    strikes: dict[str, int] = Field(default_factory=dict)
+    flagged: list[str] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
     seconds: float
     checkpoint_sha256: str
@@ -164,11 +171,13 @@ def aggregate(
     strategy_state: dict[str, Any],
     global_weights: Weights,
     expectations: dict[str, UpdateExpectation],
+    population: int | None = None,
 ) -> tuple[AggregationOutcome, dict[str, Any]]:
     """Validate the round's updates and aggregate them with the configured strategy,
-    resumed from its checkpointed state (server momentum, optimizer moments)."""
-    strategy = build_strategy(strategy_config)
-    strategy.load_state_dict(strategy_state)
+    resumed from its checkpointed state (server momentum, optimizer moments, SCAFFOLD's
+    control variate); ``population``: the federation's site count (SCAFFOLD's N)."""
+    strategy = build_strategy(strategy_config, population)
+    strategy.load_state_dict(split_state(strategy_state)[0])  # the run's reputation aside
     outcome = aggregate_updates(open_store(store_settings), strategy, global_weights, expectations)
     if outcome.clipped or outcome.unselected:
         get_run_logger().info(
@@ -314,8 +323,24 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     previous = load_checkpoint(store, config.federation, ctx.run_id, round_ - 1)
     deadline = time.time() + config.selection.deadline_s
     announced = publish_global(store, ctx, round_, previous.weights, deadline)
+    scaffold = config.strategy.name == "scaffold"
+    control_sha256 = (
+        publish_control(
+            store, config.federation, ctx.run_id, round_, previous.strategy_state, previous.weights
+        )
+        if scaffold
+        else None
+    )
+    reputation = Reputation.from_state(config.strategy.reputation, previous.strategy_state)
+    left_out = reputation.left_out(ctx.eligible, config.selection.min_sites)
+    for site, reason in left_out.items():
+        logger.warning("site %s left out of round %d: %s", site, round_, reason)
     selected = select_sites(
-        ctx.eligible, config.selection.fraction, config.selection.min_sites, config.seed, round_
+        [site for site in ctx.eligible if site not in left_out],
+        config.selection.fraction,
+        config.selection.min_sites,
+        config.seed,
+        round_,
     )
     specs = [
         RoundSpec(
@@ -332,6 +357,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
             strategy=config.strategy,
             compression=config.compression,
             preprocessing_sha256=ctx.preprocessing_sha256,
+            control_sha256=control_sha256,
             context=run_context.current_fields(),
         )
         for site in selected
@@ -351,7 +377,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     failed.update({site: "skipped: its site is down" for site in down})
     for site, reason in failed.items():
         logger.warning("site %s left out of round %d: %s", site, round_, reason)
-    tensors = tensor_specs(previous.weights)
+    tensors = tensor_specs(previous.weights, control=scaffold)
     expectations = {
         site: UpdateExpectation(
             federation=config.federation,
@@ -372,6 +398,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         previous.strategy_state,
         previous.weights,
         {site: expectations[site] for site in done},
+        population=len(config.sites),
     )
     late = {}
     if expectations:
@@ -386,6 +413,9 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
             f"{config.selection.min_sites}; left out: "
             + "; ".join(f"{s} ({why})" for s, why in sorted(missing.items()))
         )
+    flagged_before = reputation.summary()
+    reputation.record(round_, outcome.checked, outcome.struck)
+    strategy_state = reputation.with_state(strategy_state)  # checkpointed: resume keeps it
     evaluation = _named(evaluate_global, round_, "evaluate")(ctx, outcome.weights)
     metrics: dict[str, float] = {
         "sites_selected": float(len(selected)),
@@ -423,9 +453,13 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
             "bytes_up": float(done[site].nbytes_up),
         }.items()
     }
-    RunTracker(ctx.settings.tracking_uri, ctx.mlflow_run_id).log_metrics(
-        {**metrics, **site_metrics}, step=round_, wait=False
+    tracker = RunTracker(ctx.settings.tracking_uri, ctx.mlflow_run_id)
+    tracker.log_metrics(
+        {**metrics, **site_metrics, **reputation.metrics()}, step=round_, wait=False
     )
+    if reputation.summary() != flagged_before:
+        tracker.set_tags({"fedround.flagged_sites": json.dumps(reputation.summary())[:5000]})
+        logger.warning("flagged sites after round %d: %s", round_, reputation.summary())
     logger.info(
         "round %d: %d/%d sites accepted, %s %s",
         round_,
@@ -441,6 +475,9 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         rejected=outcome.rejected,
         late=late,
         failed=failed,
+        left_out=left_out,
+        strikes={site: reputation.strikes(site) for site in sorted(reputation.history)},
+        flagged=reputation.flagged(),
         metrics=metrics,
         seconds=seconds,
         checkpoint_sha256=committed.weights_sha256,
@@ -736,10 +773,13 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
             ),
             "excluded": excluded,
             "left_out_in_rounds": {
-                str(s.round): {**s.failed, **s.rejected}
+                str(s.round): {**s.left_out, **s.failed, **s.rejected}
                 for s in summaries
-                if s.failed or s.rejected
+                if s.left_out or s.failed or s.rejected
             },
+            "flagged": Reputation.from_state(
+                config.strategy.reputation, final.strategy_state
+            ).summary(),
             "late_updates_rejected": {str(s.round): s.late for s in summaries if s.late},
         },
         model=registered.__dict__,

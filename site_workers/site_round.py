@@ -50,6 +50,7 @@ from .compressed_update import prepare_upload
 from .contract import check_site_contract
 from .data import load_dataset
 from .flower import flower_client
+from .scaffold import prepare_variate
 from .settings import SiteSettings
 from .training import train_locally
 
@@ -76,6 +77,9 @@ class RoundSpec(BaseModel):
     compression: CompressionConfig = CompressionConfig()
     # The run's federated preprocessor (tables): the site fetches it and checks this digest.
     preprocessing_sha256: str | None = None
+    # SCAFFOLD: the server's control variate for the round, published beside the global
+    # model (keys.global_control_key); the site checks this digest.
+    control_sha256: str | None = None
     # Federation context (tenant, config revision, ...): MLflow runs the site's code starts
     # get it as tags through the fedround MLflow plugin.
     context: dict[str, str] = Field(default_factory=dict)
@@ -204,6 +208,9 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         extra={"data_path": str(settings.train_path)},
     )
     hooks = hooks_for(spec.strategy, global_weights)
+    variate = prepare_variate(store, settings, spec, global_weights)  # SCAFFOLD only
+    if variate is not None:
+        hooks = [*hooks, variate.hook]
     local = train_locally(model, data, spec.training, context, hooks)
     unexpected = sorted(set(local.weights) ^ set(global_weights))
     if unexpected:
@@ -222,6 +229,8 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
     }
     if dispatch_latency is not None:
         metrics["dispatch_latency_seconds"] = dispatch_latency
+    if variate is not None:  # keep c_i⁺ at the site before the update leaves it
+        metrics.update(variate.commit())
     manifest = UpdateManifest(
         federation=spec.federation,
         run_id=spec.run_id,

@@ -36,6 +36,7 @@ from fedround.tasks.object_store import ObjectStore
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+UNREADABLE = "unreadable: "  # how a rejection for an object-store error begins
 
 Fetched = tuple[UpdateManifest, Weights]
 
@@ -54,6 +55,20 @@ class AggregationOutcome:
     @property
     def total_examples(self) -> int:
         return sum(self.accepted.values())
+
+    @property
+    def checked(self) -> list[str]:
+        """Sites whose update was judged: accepted, or rejected for what it was (an update
+        that could not be read is no verdict on the site)."""
+        judged = [s for s, why in self.rejected.items() if not why.startswith(UNREADABLE)]
+        return sorted({*self.accepted, *judged})
+
+    @property
+    def struck(self) -> list[str]:
+        """Sites whose update counts against their reputation: rejected, clipped, or left
+        out by Krum / Multi-Krum."""
+        checked = set(self.checked)
+        return sorted(s for s in {*self.rejected, *self.clipped, *self.unselected} if s in checked)
 
 
 def read_update(
@@ -114,7 +129,7 @@ def _valid_updates(
             log.warning("rejected update from site %s: %s", site, exc)
             continue
         except ObjectStoreError as exc:
-            outcome.rejected[site] = f"unreadable: {exc}"
+            outcome.rejected[site] = f"{UNREADABLE}{exc}"
             log.warning("could not read the update of site %s: %s", site, exc)
             continue
         outcome.accepted[site] = manifest.num_examples

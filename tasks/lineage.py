@@ -151,14 +151,16 @@ def build_lineage(
     participating = [s for s in tags.get(f"{TAG}sites", "").split(",") if s]
     rounds_detail = _artifact_json(run_id, ROUNDS_ARTIFACT, tracking_uri) if run else None
     left_out = {
-        r: {**row.get("failed", {}), **row.get("rejected", {})}
+        r: {**row.get("left_out", {}), **row.get("failed", {}), **row.get("rejected", {})}
         for r, row in (rounds_detail or {}).items()
-        if row.get("failed") or row.get("rejected")
+        if row.get("left_out") or row.get("failed") or row.get("rejected")
     }
     lineage.sites = {
         "participating": participating,
         "excluded": excluded,
         "left_out_in_rounds": left_out,
+        # reputation: sites whose updates were repeatedly clipped, rejected or discarded
+        "flagged": json.loads(run_tags.get(f"{TAG}flagged_sites", "{}")),
     }
     if run:
         contracts = _artifact_json(run_id, CONTRACTS_ARTIFACT, tracking_uri)
@@ -271,6 +273,12 @@ def render_text(lineage: Lineage) -> str:
     add(f"  participating  {', '.join(sites.get('participating', [])) or 'none recorded'}")
     for site, why in sorted(sites.get("excluded", {}).items()):
         add(f"  excluded       {site}: {why}")
+    for site, record in sorted(sites.get("flagged", {}).items()):
+        add(
+            f"  flagged        {site}: {record.get('strikes')} of its last "
+            f"{record.get('updates')} updates clipped, rejected or discarded"
+            + ("; past the threshold, left out" if record.get("past_threshold") else "")
+        )
     for round_, left in sorted(
         sites.get("left_out_in_rounds", {}).items(), key=lambda kv: int(kv[0])
     ):

@@ -261,7 +261,7 @@ class EvaluationConfig(_Strict):
         return self
 
 
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")
 ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
 ROBUST_AGGREGATORS = ("median", "trimmed_mean", "krum", "multi_krum")
 
@@ -300,23 +300,53 @@ class ClipConfig(_Strict):
         return 5.0 if self.multiplier is None else self.multiplier
 
 
+class ReputationConfig(_Strict):
+    """A per-site record of the run: a strike for each of a site's updates that was clipped,
+    rejected, or left out by Krum / Multi-Krum, over its last ``window`` updates. A site
+    with ``flag_at`` strikes is flagged (lineage, MLflow, result.json); with
+    ``max_strikes`` it is left out of the rest of the run (never below the quorum).
+    ``max_strikes: null`` flags without leaving anyone out."""
+
+    window: int = Field(10, ge=1, description="how many of a site's latest updates count")
+    flag_at: int = Field(2, ge=1, description="strikes in the window that flag a site")
+    max_strikes: int | None = Field(
+        3, ge=1, description="strikes in the window that leave a site out (null: never)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReputationConfig:
+        if self.flag_at > self.window:
+            raise ValueError(
+                f"flag_at={self.flag_at} can never be reached in a window of {self.window} "
+                "updates: lower flag_at or raise window"
+            )
+        if self.max_strikes is not None and not self.flag_at <= self.max_strikes <= self.window:
+            raise ValueError(
+                f"max_strikes={self.max_strikes} must be in [flag_at, window] = "
+                f"[{self.flag_at}, {self.window}] (null: flag sites, never leave them out)"
+            )
+        return self
+
+
 class StrategyConfig(_Strict):
     """How the coordinator turns a round's updates into the next global model.
 
     ``name``: the server optimizer (fedavg, fedprox, fedavgm, fedadam, fedyogi,
-    fedadagrad); ``aggregator``: how updates are combined (mean, median, trimmed_mean,
+    fedadagrad, scaffold); ``aggregator``: how updates are combined (mean, median, trimmed_mean,
     krum, multi_krum); ``clip``, ``weighting`` and ``max_site_share``: how much one update
     may count. Options that do not apply to the chosen name or aggregator are refused.
     """
 
-    name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    name: Literal[
+        "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"
+    ] = "fedavg"
     mu: float = Field(
         0.0, ge=0, description="FedProx proximal weight μ (applied at sites through the hook)"
     )
     server_lr: float | None = Field(
         None,
         gt=0,
-        description="server learning rate η (default 1 for fedavg, fedprox, fedavgm; "
+        description="server learning rate η (default 1 for fedavg, fedprox, fedavgm, scaffold; "
         "0.01 for fedadam, fedyogi, fedadagrad)",
     )
     momentum: float | None = Field(
@@ -360,6 +390,7 @@ class StrategyConfig(_Strict):
         description="median, trimmed_mean, krum, multi_krum hold a round's updates in memory "
         "together: at most this many (one per site)",
     )
+    reputation: ReputationConfig = ReputationConfig()
 
     @model_validator(mode="before")
     @classmethod

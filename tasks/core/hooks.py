@@ -6,7 +6,7 @@ A hook sees two seams:
 - ``gradient(name, parameter, grad)``: called for every parameter's gradient during each
   backward pass (through ``Tensor.register_hook``), so it works with any loss, optimizer
   and training loop. FedProx adds its proximal term here; SCAFFOLD's control variates
-  and per-step clipping fit the same seam.
+  (:class:`ControlVariate`) and per-step clipping fit the same seam.
 - ``update(delta)``: called once on the finished update (local − global weights) before it
   is serialized, e.g. for update clipping under differential privacy or compression.
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import StrategyConfig
 from .serialization import Weights
+from .strategies.scaffold import client_variate, control_key
 
 
 class ClientHook:
@@ -54,10 +55,73 @@ class ProximalTerm(ClientHook):
         return grad + self.mu * (parameter.detach() - anchor.to(grad.device, grad.dtype))
 
 
+class ControlVariate(ClientHook):
+    """SCAFFOLD's correction at the site (Karimireddy et al., ICML 2020, Algorithm 1): every
+    gradient gains c − cᵢ (the server's control variate minus the site's), so local steps
+    follow the federation's direction rather than the site's own.
+
+    ``steps`` counts the local steps K taken: the backward passes the hook saw (the most
+    gradient calls any one tensor got). A ``train`` that accumulates gradients over several
+    backward passes per optimizer step counts each pass, and gets the correction on each.
+    On the finished update, :meth:`update` computes cᵢ⁺ = cᵢ − c + (x − yᵢ)/(K·η_l)
+    (option II; exact for plain SGD, an estimate with momentum or Adam), keeps it in
+    ``updated`` for the site to persist, and adds Δcᵢ = cᵢ⁺ − cᵢ to the update as
+    ``control/<tensor>``. A tensor that got no gradient (a buffer, a frozen parameter) has
+    cᵢ⁺ = 0; with no step at all (K = 0) cᵢ stays and Δcᵢ = 0.
+    """
+
+    def __init__(
+        self,
+        server: Mapping[str, torch.Tensor],
+        variate: Mapping[str, torch.Tensor],
+        learning_rate: float,
+    ) -> None:
+        if sorted(server) != sorted(variate):
+            raise ValueError(
+                f"server and site control variates name different tensors: "
+                f"{sorted(set(server) ^ set(variate))[:5]}"
+            )
+        self.server = {name: t.detach().clone() for name, t in server.items()}
+        self.variate = {name: t.detach().clone() for name, t in variate.items()}
+        self.learning_rate = learning_rate
+        self.correction = {name: self.server[name] - self.variate[name] for name in self.server}
+        self.calls: dict[str, int] = {}
+        self.updated: Weights | None = None
+
+    @property
+    def steps(self) -> int:
+        return max(self.calls.values(), default=0)
+
+    def gradient(self, name: str, parameter: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        correction = self.correction.get(name)
+        if correction is None:
+            return grad
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return grad + correction.to(grad.device, grad.dtype)
+
+    def update(self, delta: Weights) -> Weights:
+        steps = self.steps
+        trained = {name: self.variate[name] for name in self.variate if name in self.calls}
+        updated = client_variate(trained, self.server, delta, steps, self.learning_rate)
+        for name, variate in self.variate.items():
+            if name not in updated:
+                updated[name] = variate.clone() if steps == 0 else torch.zeros_like(variate)
+        self.updated = updated
+        controls = {
+            control_key(name): (updated[name].double() - self.variate[name].double()).to(
+                self.variate[name].dtype
+            )
+            for name in sorted(self.variate)
+        }
+        return {**delta, **controls}
+
+
 def hooks_for(
     strategy: StrategyConfig, global_weights: Mapping[str, torch.Tensor]
 ) -> list[ClientHook]:
-    """The client hooks a strategy needs at the site (none for plain FedAvg)."""
+    """The client hooks a strategy needs at the site (none for plain FedAvg). SCAFFOLD's
+    :class:`ControlVariate` needs the site's own variate, so the site builds it (see
+    :mod:`fedround.site_workers.scaffold`)."""
     if strategy.name == "fedprox":
         return [ProximalTerm(strategy.mu, global_weights)]
     return []

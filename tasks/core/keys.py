@@ -3,7 +3,7 @@
 ::
 
     <federation>/global/<run>/contract.json                       coordinator writes, sites read
-    <federation>/global/<run>/round-0003/model.safetensors (+ model.json)
+    <federation>/global/<run>/round-0003/model.safetensors (+ model.json, control.safetensors)
     <federation>/updates/<site>/<run>/round-0003/update.safetensors (+ update.json)
     <federation>/checkpoints/<run>/round-0003/{weights.safetensors,strategy.json,manifest.json}
     <federation>/locks/promotion-<model>.json                     single-writer locks
@@ -53,6 +53,11 @@ def global_key(federation: str, run_id: str, round_: int) -> str:
 
 def global_manifest_key(federation: str, run_id: str, round_: int) -> str:
     return f"{global_prefix(federation, run_id, round_)}model.json"
+
+
+def global_control_key(federation: str, run_id: str, round_: int) -> str:
+    """SCAFFOLD: the server's control variate c for the round, beside its global model."""
+    return f"{global_prefix(federation, run_id, round_)}control.safetensors"
 
 
 def update_prefix(federation: str, run_id: str, round_: int, site: str) -> str:

@@ -16,6 +16,7 @@ from .compression import decode_update
 from .errors import RejectReason, UpdateRejected
 from .manifest import UpdateManifest
 from .serialization import Weights, sha256_hex, weights_from_bytes
+from .strategies.scaffold import CONTROL_PREFIX, control_key, control_names
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,19 @@ class TensorSpec:
     dtype: str
 
 
-def tensor_specs(weights: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    """The specs of a reference model, against which updates are checked."""
-    return {
+def tensor_specs(
+    weights: Mapping[str, torch.Tensor], control: bool = False
+) -> dict[str, TensorSpec]:
+    """The specs of a reference model, against which updates are checked; with
+    ``control`` (SCAFFOLD runs) also a ``control/<name>`` tensor for each floating-point
+    one, of the same shape and dtype (the site's control-variate delta)."""
+    specs = {
         name: TensorSpec(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
         for name, tensor in weights.items()
     }
+    if control:
+        specs.update({control_key(name): specs[name] for name in control_names(weights)})
+    return specs
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,14 @@ def check_tensors(weights: Mapping[str, torch.Tensor], expected: UpdateExpectati
     missing = sorted(set(expected.specs) - set(weights))
     extra = sorted(set(weights) - set(expected.specs))
     if missing or extra:
-        raise _reject(RejectReason.WRONG_KEYS, f"missing tensors {missing}, unexpected {extra}")
+        hint = (
+            " (control variates belong to SCAFFOLD runs only)"
+            if any(name.startswith(CONTROL_PREFIX) for name in extra)
+            else ""
+        )
+        raise _reject(
+            RejectReason.WRONG_KEYS, f"missing tensors {missing}, unexpected {extra}{hint}"
+        )
     squared_norm = 0.0
     for name, spec in expected.specs.items():
         tensor = weights[name]
@@ -102,7 +117,7 @@ def check_tensors(weights: Mapping[str, torch.Tensor], expected: UpdateExpectati
         if not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise _reject(RejectReason.NOT_FINITE, f"tensor {name!r} has {bad} NaN/inf values")
-        if expected.max_norm is not None:
+        if expected.max_norm is not None and not name.startswith(CONTROL_PREFIX):
             squared_norm += float(tensor.double().pow(2).sum())
     if expected.max_norm is not None and math.sqrt(squared_norm) > expected.max_norm:
         raise _reject(

@@ -12,6 +12,7 @@ fedavg        xₜ₊₁ = xₜ + η·Δₜ                                     
 fedprox       FedAvg at the server (proximal term at the sites)     Li et al. 2020
 fedavgm       server momentum                                       Hsu et al. 2019
 adaptive      FedAdagrad, FedYogi, FedAdam                          Reddi et al. 2021
+scaffold      server and site control variates (client drift)       Karimireddy et al. 2020
 mean          streamed weighted mean (O(model))                     McMahan et al. 2017
 median        coordinate-wise median (O(n × model))                 Yin et al. 2018
 trimmed_mean  coordinate-wise β-trimmed mean (O(n × model))         Yin et al. 2018
@@ -42,6 +43,7 @@ from .fedprox import FedProx
 from .krum import Krum, MultiKrum
 from .mean import WeightedMean
 from .median import CoordinateMedian
+from .scaffold import Scaffold, ScaffoldStep
 from .server import ServerStrategy
 from .trimmed_mean import TrimmedMean
 from .weighting import Weighting, capped_weights
@@ -62,6 +64,8 @@ __all__ = [
     "MultiKrum",
     "NormClipping",
     "RoundReport",
+    "Scaffold",
+    "ScaffoldStep",
     "ServerOptimizer",
     "ServerStrategy",
     "Strategy",
@@ -79,7 +83,7 @@ __all__ = [
 
 # Server optimizers by ``strategy.name``.
 STRATEGIES: dict[str, type[ServerOptimizer]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, ScaffoldStep)
 }
 # Aggregators by ``strategy.aggregator``.
 AGGREGATORS: dict[str, type[Aggregator]] = {
@@ -96,6 +100,8 @@ def build_optimizer(config: StrategyConfig) -> ServerOptimizer:
         return FedProx(lr)
     if config.name == "fedavgm":
         return FedAvgM(lr, config.effective_momentum)
+    if config.name == "scaffold":
+        return ScaffoldStep(lr)
     adaptive: dict[str, type[FedAdam | FedYogi | FedAdagrad]] = {
         "fedadam": FedAdam,
         "fedyogi": FedYogi,
@@ -125,15 +131,27 @@ def build_aggregator(config: StrategyConfig) -> Aggregator:
     )
 
 
-def build_strategy(config: StrategyConfig | str = "fedavg") -> ServerStrategy:
+def build_strategy(
+    config: StrategyConfig | str = "fedavg", population: int | None = None
+) -> ServerStrategy:
     """A fresh strategy for a validated ``strategy:`` config section (or a bare name,
-    which takes every default)."""
+    which takes every default). ``population``: the number of sites in the federation,
+    N in SCAFFOLD's c ← c + (|S|/N)·mean(Δcᵢ) (without it, N = |S|)."""
     if isinstance(config, str):
         if config not in STRATEGIES:
             raise ValueError(f"unknown strategy {config!r}; choose one of {sorted(STRATEGIES)}")
         # Every default; FedProx's μ acts at the sites only, so the server needs none.
         config = StrategyConfig.model_construct(name=cast(Any, config))
     clip = config.clip
+    if config.name == "scaffold":
+        return Scaffold(
+            config.effective_server_lr,
+            aggregator=build_aggregator(config),
+            clipping=NormClipping(clip.mode, clip.effective_multiplier, clip.bound),
+            weighting=Weighting(config.weighting, config.max_site_share),
+            max_buffered_updates=config.max_buffered_updates,
+            population=population,
+        )
     return ServerStrategy(
         optimizer=build_optimizer(config),
         aggregator=build_aggregator(config),
