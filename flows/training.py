@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
+from fedround.flows.federated_eval import evaluate_final, log_evaluation, record_label_skew
 from fedround.site_workers.data import load_dataset
 from fedround.site_workers.site_round import RoundSpec, SiteRoundResult, evaluate_model
 from fedround.tasks import run_context
@@ -62,6 +63,7 @@ from fedround.tasks.core.errors import (
     QuorumNotReached,
     UpdateRejected,
 )
+from fedround.tasks.core.federated_eval import evaluating_sites, without_eval
 from fedround.tasks.core.manifest import CheckpointManifest, GlobalManifest, UpdateManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.preprocessing import Preprocessor, bound_summary, merge_summaries
@@ -112,6 +114,8 @@ class RoundSummary(BaseModel):
     strikes: dict[str, int] = Field(default_factory=dict)
     flagged: list[str] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
+    # Federated evaluation of round − 1's model by this round's sites (one round behind).
+    federated: dict[str, float] = Field(default_factory=dict)
     seconds: float
     checkpoint_sha256: str
 
@@ -342,6 +346,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         config.seed,
         round_,
     )
+    evaluators = set(evaluating_sites(selected, config.evaluation.federated, config.seed, round_))
     specs = [
         RoundSpec(
             federation=config.federation,
@@ -359,6 +364,8 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
             preprocessing_sha256=ctx.preprocessing_sha256,
             control_sha256=control_sha256,
             context=run_context.current_fields(),
+            evaluation=config.evaluation,
+            evaluate_received=site in evaluators,
         )
         for site in selected
     ]
@@ -447,7 +454,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         f"site.{site}.{name}": value
         for site in outcome.accepted
         for name, value in {
-            **done[site].metrics,
+            **without_eval(done[site].metrics),  # eval_*: round − 1's model, logged below
             "num_examples": float(done[site].num_examples),
             "seconds": done[site].seconds,
             "bytes_up": float(done[site].nbytes_up),
@@ -456,6 +463,9 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     tracker = RunTracker(ctx.settings.tracking_uri, ctx.mlflow_run_id)
     tracker.log_metrics(
         {**metrics, **site_metrics, **reputation.metrics()}, step=round_, wait=False
+    )
+    federated = log_evaluation(
+        tracker, round_ - 1, {s: done[s].metrics for s in outcome.accepted}, ctx.max_examples
     )
     if reputation.summary() != flagged_before:
         tracker.set_tags({"fedround.flagged_sites": json.dumps(reputation.summary())[:5000]})
@@ -479,6 +489,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         strikes={site: reputation.strikes(site) for site in sorted(reputation.history)},
         flagged=reputation.flagged(),
         metrics=metrics,
+        federated=federated,
         seconds=seconds,
         checkpoint_sha256=committed.weights_sha256,
     )
@@ -693,6 +704,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
                     preprocessor.model_dump_json(indent=2), "config/preprocessing.json"
                 )
         lineage.record_contracts(tracker, passed, excluded)
+        label_skew = record_label_skew(tracker, passed)
         if excluded:
             tracker.set_tags({"fedround.excluded_sites": json.dumps(excluded)[:5000]})
         ctx = RunContext(
@@ -711,6 +723,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         setup_seconds = time.perf_counter() - started
         summaries = _run_rounds(ctx, first=start.round + 1)
         final = load_checkpoint(store, config.federation, run_id, config.rounds)
+        final_evaluation = evaluate_final(tracker, store, ctx, final.weights)
         lineage_tags, parent = lineage.version_tags(tracker)
         registered = registered_by_run(tracker) or register_candidate(
             tracker,
@@ -744,17 +757,22 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
             ("sites_", "bytes_", "examples", "round_", "slowest_", "orchestration", "dispatch_")
         )
     }
+    final_metrics.update(final_evaluation.federated)
     tracker.log_metrics({f"final_{k}": v for k, v in final_metrics.items()}, step=config.rounds)
     lineage.finish(
         tracker, [s.model_dump(mode="json") for s in summaries], time.perf_counter() - started
     )
     tracker.finish()
     timed = {s.round: s.metrics for s in summaries}  # rounds run by this process carry timings
+    # federated evaluation: round r's sites scored round r − 1's model; the final pass, the last
+    federated = {s.round - 1: s.federated for s in summaries if s.federated}
+    federated[config.rounds] = final_evaluation.federated
     history = [
         {
             "round": r,
             **read_manifest(store, config.federation, run_id, r).metrics,
             **timed.get(r, {}),
+            **federated.get(r, {}),
         }
         for r in committed_rounds(store, config.federation, run_id)
         if r > 0
@@ -781,6 +799,8 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
                 config.strategy.reputation, final.strategy_state
             ).summary(),
             "late_updates_rejected": {str(s.round): s.late for s in summaries if s.late},
+            "label_skew": label_skew,
+            "final_evaluation": final_evaluation.summary(),
         },
         model=registered.__dict__,
         checkpoint={

@@ -21,7 +21,7 @@ import pandas as pd
 from fedround.tasks.core.config import DataConfig
 from fedround.tasks.core.contract_report import ContractReport, RuleResult
 from fedround.tasks.core.errors import ContractError
-from fedround.tasks.core.preprocessing import summarize_table
+from fedround.tasks.core.preprocessing import MAX_LABEL_CLASSES, label_key, summarize_table
 from fedround.tasks.core.usercode import UserCodeError
 
 from .data import DataError, contract_frame
@@ -96,6 +96,15 @@ def _aggregate_only(value: Any) -> Any:
     return value if isinstance(value, int | float | bool) else None
 
 
+def count_labels(frame: pd.DataFrame) -> dict[str, int] | None:
+    """Examples per class of the profile's ``label`` column: counts only, for the run's
+    label-skew report (at most ``MAX_LABEL_CLASSES`` classes, the most frequent)."""
+    if "label" not in frame.columns:
+        return None
+    counts = frame["label"].dropna().map(label_key).value_counts()
+    return {str(k): int(v) for k, v in counts.head(MAX_LABEL_CLASSES).items()}
+
+
 def check_site_contract(
     data_file: Path, suite: dict[str, Any], site: str, data: DataConfig | None = None
 ) -> ContractReport:
@@ -131,5 +140,7 @@ def check_site_contract(
         else:
             summary = summarize_table(frame, data.table)
             report = report.model_copy(update={"data_summary": summary})
+    elif report.success and data.kind == "arrays":
+        report = report.model_copy(update={"label_counts": count_labels(frame)})
     log.info(report.summary())
     return report

@@ -31,6 +31,7 @@ from fedround.tasks.core.config import (
 from fedround.tasks.core.contract_report import ContractReport
 from fedround.tasks.core.errors import FedroundError, ObjectNotFound
 from fedround.tasks.core.evaluation import builtin_metrics
+from fedround.tasks.core.federated_eval import eval_report
 from fedround.tasks.core.hooks import apply_update_hooks, hooks_for
 from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.models import build_model
@@ -48,7 +49,7 @@ from fedround.tasks.object_store import ObjectStore, open_store
 
 from .compressed_update import prepare_upload
 from .contract import check_site_contract
-from .data import load_dataset
+from .data import DataError, load_dataset
 from .flower import flower_client
 from .scaffold import prepare_variate
 from .settings import SiteSettings
@@ -86,6 +87,10 @@ class RoundSpec(BaseModel):
     # When the coordinator opened the round (epoch seconds): the site reports how long the
     # round took to reach it. On one machine this is exact; across machines, clock skew adds.
     dispatched_at: float | None = None
+    # Federated evaluation, one round behind: the site first scores the model it received
+    # (round − 1's) on its own test file and reports eval_<metric> with its update.
+    evaluation: EvaluationConfig = EvaluationConfig()
+    evaluate_received: bool = False
 
 
 class SiteRoundResult(BaseModel):
@@ -194,6 +199,7 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
     )
     model = build_model(spec.model, seed=0)
     load_weights(model, global_weights, spec.model.import_path)
+    evaluated = evaluate_received(settings, spec, model, global_weights, preprocessor)
     data = load_dataset(settings.train_path, spec.data, preprocessor)
     if not len(data):
         raise SiteError(f"{settings.train_path.name} has no usable rows (labels missing?)")
@@ -225,6 +231,7 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         **local.metrics,
         "train_seconds": local.seconds,
         "bytes_down": float(nbytes_down),
+        **evaluated,  # eval_<metric>, eval_examples: round − 1's model (federated evaluation)
         "bytes_up_dense": float(upload.dense_nbytes),  # beside bytes_up (encoded)
     }
     if dispatch_latency is not None:
@@ -270,6 +277,35 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         metrics=metrics,
         seconds=seconds,
     )
+
+
+def evaluate_received(
+    settings: SiteSettings,
+    spec: RoundSpec,
+    model: torch.nn.Module,
+    global_weights: dict[str, torch.Tensor],
+    preprocessor: Preprocessor | None,
+) -> dict[str, float]:
+    """Federated evaluation of the model this round starts from (round − 1's result) on the
+    site's test file: ``eval_<metric>`` and ``eval_examples``. Empty when the round does not
+    ask for it or the site has no test file; an evaluation that fails is logged and left
+    out, never the round. The model leaves exactly as it came (weights and mode)."""
+    path = settings.test_path
+    if not spec.evaluate_received or path is None or not path.exists():
+        return {}
+    training = model.training
+    try:
+        data = load_dataset(path, spec.data, preprocessor)
+        if not len(data):
+            return {}
+        metrics = evaluate_model(model, data, spec.evaluation, spec.site, spec.federation, path)
+    except (UserCodeError, DataError, ValueError) as exc:
+        log.warning("site %s round %d: evaluation left out: %s", spec.site, spec.round, exc)
+        return {}
+    finally:  # an evaluate function may have moved statistics or the mode: start clean
+        load_weights(model, global_weights, spec.model.import_path)
+        model.train(training)
+    return eval_report(metrics, len(data))
 
 
 def fetch_data_spec(store: ObjectStore, federation: str, run_id: str) -> DataConfig:

@@ -226,6 +226,29 @@ KNOWN_DIRECTIONS: dict[str, str] = {
 }
 
 
+class FederatedEvaluationConfig(_Strict):
+    """Federated evaluation of the global model at the sites, on each site's own test file.
+
+    A site selected for round r first evaluates the model it received (round r − 1's) and
+    reports the metrics with its update: the coordinator logs them as round r − 1's
+    ``federated_<metric>`` (example-weighted over the sites) and ``site.<site>.eval_<metric>``
+    — one round behind, at no extra dispatch. After the last round the final model is
+    evaluated by its own pass (``final``). Sites without a test file are skipped.
+    """
+
+    every: int = Field(
+        1, ge=0, description="evaluate the model of every k-th round (0: no federated evaluation)"
+    )
+    fraction: float = Field(
+        1.0, gt=0, le=1, description="share of a round's training sites that also evaluate"
+    )
+    final: bool = Field(True, description="evaluate the final model at the sites after the run")
+
+    def evaluates(self, model_round: int) -> bool:
+        """Whether the model of ``model_round`` (0 = the initial model) is evaluated."""
+        return self.every > 0 and model_round % self.every == 0
+
+
 class EvaluationConfig(_Strict):
     """How models are scored: built-in metrics, or the user's ``evaluate``."""
 
@@ -243,6 +266,7 @@ class EvaluationConfig(_Strict):
         description="the coordinator's own held-out file (relative to this config) for "
         "central evaluation; the MNIST demo provisions one",
     )
+    federated: FederatedEvaluationConfig = FederatedEvaluationConfig()
 
     def direction(self, metric: str) -> str:
         """``higher`` or ``lower``: which way the named metric is better."""

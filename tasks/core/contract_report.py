@@ -49,6 +49,8 @@ class ContractReport(BaseModel):
     results: list[RuleResult]
     # Tables: the set-up summary (per-column counts and sums) for federated preprocessing.
     data_summary: SiteSummary | None = None
+    # Arrays: examples per label class (counts only), for the run's label-skew report.
+    label_counts: dict[str, int] | None = None
 
     @property
     def failures(self) -> list[RuleResult]:

@@ -26,11 +26,16 @@ from fedround.site_workers.site_state import SiteState
 from fedround.tasks.aggregation import aggregate_updates
 from fedround.tasks.control_variate import publish_control
 from fedround.tasks.core import keys
-from fedround.tasks.core.config import ModelConfig, StrategyConfig, TrainingConfig
+from fedround.tasks.core.config import (
+    CompressionConfig,
+    ModelConfig,
+    StrategyConfig,
+    TrainingConfig,
+)
 from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.serialization import sha256_hex, weights_from_bytes, weights_to_bytes
 from fedround.tasks.core.strategies import build_strategy
-from fedround.tasks.core.validation import UpdateExpectation, tensor_specs
+from fedround.tasks.core.validation import UpdateExpectation, tensor_specs, validate_update
 from fedround.tasks.object_store import LocalObjectStore, ObjectStoreSettings
 
 from . import scaffold_code
@@ -184,3 +189,27 @@ def test_a_tampered_control_variate_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ControlVariateError, match="control variate for round 1 has sha256"):
         run_site_round(_site(tmp_path, "a", 2.0), _spec("a", 1, digests))
     assert not store.exists(keys.update_key(FED, RUN, 1, "a"))
+
+
+def test_the_control_deltas_travel_compressed_like_the_model_delta(tmp_path: Path) -> None:
+    # Prepare: top-k (all entries) + 8-bit quantization; one value per tensor is exact
+    store = LocalObjectStore(tmp_path / "store")
+    compression = CompressionConfig(topk_ratio=1.0, quantize_bits=8)
+    spec = _spec("a", 1, _publish(store, 1, 1.0, None), compression=compression)
+    # Execute
+    run_site_round(_site(tmp_path, "a", 2.0), spec)
+    manifest = UpdateManifest.from_json(store.get(keys.update_manifest_key(FED, RUN, 1, "a")))
+    expected = UpdateExpectation(
+        federation=FED,
+        run_id=RUN,
+        round=1,
+        nonce="n1",
+        site="a",
+        specs=tensor_specs({"w": torch.zeros(1)}, control=True),
+        max_bytes=1 << 20,
+        max_num_examples=4,
+    )
+    decoded = validate_update(manifest, store.get(keys.update_key(FED, RUN, 1, "a")), expected)
+    # Assert: encoded as sent, decoded to the same Δy and Δc as the dense round
+    assert manifest.encoding == "topk+q8"
+    assert {name: t.item() for name, t in decoded.items()} == {"w": -1.0, "control/w": 2.0}
