@@ -9,7 +9,8 @@ training on all the data pooled, on the same held-out sample.
   local epochs), on all six plans' training rows pooled; standardized with the pooled
   means and standard deviations (what the federated set-up computes from summaries).
 - **local only**: the same, on one plan's rows, standardized with that plan's own
-  statistics (a plan training alone knows nothing else).
+  statistics (a plan training alone knows nothing else); the columns constant within the
+  plan (``lncoins``, ``idp``: the plan itself) are left out, as a modeller would.
 
 Every model is scored by the example's ``evaluate`` on the coordinator's held-out sample
 (``holdout.parquet``: 15 % of every plan, which no site holds). Plain torch in this
@@ -21,14 +22,17 @@ Needs the example package: ``pip install deployments/examples/randhie`` (scripts
 does it).
 
     .venv/bin/python benchmarks/randhie_compare.py [--seeds 1 2 3] [--rounds 20]
+        [--federated-from benchmarks/results/randhie_compare.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,15 +65,20 @@ except ImportError:
 
 def standardizer(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """Means and standard deviations as fedround's federated set-up computes them
-    (population variance; a constant column gets 1)."""
+    (population variance). A column constant in ``frame`` gets standard deviation 0: the
+    model is not shown it (a plan alone sees one value of its own lncoins and idp, so
+    they say nothing to it; a modeller would drop them)."""
     values = frame[FEATURES].astype(np.float64)
     mean = values.mean()
-    std = np.sqrt(np.maximum((values**2).mean() - mean**2, 0.0))
-    return mean, std.where(std**2 > 1e-12, 1.0)
+    variance = np.maximum((values**2).mean() - mean**2, 0.0)
+    return mean, np.sqrt(variance).where(variance > 1e-12, 0.0)
 
 
 def dataset(frame: pd.DataFrame, mean: pd.Series, std: pd.Series) -> SiteDataset:
-    features = ((frame[FEATURES].astype(np.float64) - mean) / std).to_numpy(np.float32)
+    shown = std > 0
+    scaled = (frame[FEATURES].astype(np.float64) - mean) / std.where(shown, 1.0)
+    scaled.loc[:, ~shown] = 0.0
+    features = scaled.to_numpy(np.float32)
     return SiteDataset(
         torch.from_numpy(features),
         torch.from_numpy(frame[LABEL].to_numpy(np.int64)),
@@ -100,6 +109,28 @@ def trained_alone(
     return {**scored, "epochs": metrics["epochs"], "rows": float(len(rows))}
 
 
+def run_cli(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float]:
+    """``fedround run --json`` in its own session, output in files; returns result.json and
+    the command's wall time. Once it exits, whatever it left behind in its session is ended
+    (it has been seen to leave Prefect's temporary server running, holding its output)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=err, text=True, start_new_session=True
+        )
+        try:
+            code = process.wait()
+        finally:
+            seconds = time.perf_counter() - started
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited with {code}:\n{err.read()[-3000:]}")
+        return json.loads(out.read().strip().splitlines()[-1]), seconds
+
+
 def federated(folder: Path, state: Path, seed: int, rounds: int) -> dict[str, Any]:
     config = yaml.safe_load((EXAMPLE / "federation.yaml").read_text())
     config["seed"], config["rounds"] = seed, rounds
@@ -107,25 +138,20 @@ def federated(folder: Path, state: Path, seed: int, rounds: int) -> dict[str, An
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["FEDROUND_STATE_DIR"] = str(state)
-    started = time.perf_counter()
-    done = subprocess.run(
-        [str(FEDROUND), "run", str(path), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"fedround run failed (seed {seed}):\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = time.perf_counter() - started
-    return result
+    result, seconds = run_cli([str(FEDROUND), "run", str(path), "--json"], env)
+    return {**result, "wall_seconds": seconds}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--rounds", type=int, default=None, help="default: the example's")
+    parser.add_argument(
+        "--federated-from",
+        type=Path,
+        help="take the federated runs from an earlier results JSON (same seeds and rounds; "
+        "the runs are reproducible) and re-run only the baselines",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # like every site process
     config = yaml.safe_load((EXAMPLE / "federation.yaml").read_text())
@@ -133,6 +159,13 @@ def main() -> int:
     config["rounds"] = rounds
     rows: dict[str, list[dict[str, Any]]] = {"federated": [], "centralized": []}
     rows |= {f"local {site}": [] for site in SITES}
+    earlier = None
+    if args.federated_from:
+        earlier = json.loads(args.federated_from.read_text())
+        if (earlier["seeds"], earlier["rounds"]) != (args.seeds, rounds):
+            sys.exit(
+                f"{args.federated_from} has seeds {earlier['seeds']}, {earlier['rounds']} rounds"
+            )
     with tempfile.TemporaryDirectory(prefix="fedround-randhie-") as tmp:
         folder, state = Path(tmp), Path(tmp) / "state"
         prepare(folder, state)
@@ -140,15 +173,18 @@ def main() -> int:
         holdout = pd.read_parquet(folder / "holdout.parquet")
         train_rows = {s: pd.read_parquet(folder / "sites" / s / "train.parquet") for s in SITES}
         pooled = pd.concat(train_rows.values(), ignore_index=True)
-        for seed in args.seeds:
-            result = federated(folder, state, seed, rounds)
-            rows["federated"].append(
-                {
-                    **result["final_metrics"],
-                    "median_round_seconds": result["timings"]["round_median_seconds"],
-                    "wall_seconds": result["wall_seconds"],
-                }
-            )
+        for index, seed in enumerate(args.seeds):
+            if earlier is not None:
+                rows["federated"].append(earlier["runs"]["federated"][index])
+            else:
+                result = federated(folder, state, seed, rounds)
+                rows["federated"].append(
+                    {
+                        **result["final_metrics"],
+                        "median_round_seconds": result["timings"]["round_median_seconds"],
+                        "wall_seconds": result["wall_seconds"],
+                    }
+                )
             rows["centralized"].append(trained_alone(pooled, holdout, config, seed, "pooled"))
             for site in SITES:
                 rows[f"local {site}"].append(
@@ -170,6 +206,7 @@ def main() -> int:
         "rounds": rounds,
         "local_epochs": config["training"]["local_epochs"],
         "seeds": args.seeds,
+        "federated_runs_from": str(args.federated_from) if args.federated_from else "this run",
         "holdout_rows": len(holdout),
         "median_auc": median,
         "median_local_only_mean_auc": local_mean,

@@ -27,11 +27,13 @@ Prints a table and writes ``benchmarks/results/user_code_overhead.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -148,22 +150,33 @@ def write_configs(folder: Path, rounds: int) -> dict[str, Path]:
     return paths
 
 
+def run_cli(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float]:
+    """``fedround run --json`` in its own session, output in files; returns result.json and
+    the command's wall time. Once it exits, whatever it left behind in its session is ended
+    (it has been seen to leave Prefect's temporary server running, holding its output)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=err, text=True, start_new_session=True
+        )
+        try:
+            code = process.wait()
+        finally:
+            seconds = time.perf_counter() - started
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited with {code}:\n{err.read()[-3000:]}")
+        return json.loads(out.read().strip().splitlines()[-1]), seconds
+
+
 def run(config: Path, state: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["FEDROUND_STATE_DIR"] = str(state)
-    started = time.perf_counter()
-    done = subprocess.run(
-        [str(FEDROUND), "run", str(config), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"fedround run {config.name} failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = time.perf_counter() - started
-    return result
+    result, seconds = run_cli([str(FEDROUND), "run", str(config), "--json"], env)
+    return {**result, "wall_seconds": seconds}
 
 
 def in_process(config_paths: dict[str, Path], state: Path, calls: int) -> dict[str, Any]:

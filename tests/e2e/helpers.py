@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,3 +56,24 @@ def start_fedround(*args: str, state_dir: Path) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
     )
+
+
+def run_in_session(
+    argv: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 600
+) -> Completed:
+    """Run a command in its own session with its output in files; once it exits, end what
+    it left behind in that session. (``fedround run`` has been seen to leave Prefect's
+    temporary server running after it exits, holding its stdout and stderr open: a caller
+    reading them through pipes would wait for that server forever.)"""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=out, stderr=err, text=True, start_new_session=True
+        )
+        try:
+            code = process.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGTERM)
+        out.seek(0)
+        err.seek(0)
+        return Completed(code, out.read(), err.read())

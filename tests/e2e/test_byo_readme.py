@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from .helpers import FEDROUND, Completed, cli_env
+from .helpers import FEDROUND, cli_env, run_in_session
 
 pytestmark = pytest.mark.slow
 
@@ -120,16 +120,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def result(project: Path) -> dict[str, Any]:
-    done = subprocess.run(
+    completed = run_in_session(
         [FEDROUND, "run", "federation.yaml", "--json"],
-        cwd=project,
         env=cli_env(project / ".fedround"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        cwd=project,
     )
-    completed = Completed(done.returncode, done.stdout, done.stderr)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return completed.result
 

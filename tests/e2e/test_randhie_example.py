@@ -35,7 +35,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from .helpers import FEDROUND, Completed, cli_env
+from .helpers import FEDROUND, cli_env, run_in_session
 
 pytestmark = pytest.mark.slow
 
@@ -113,15 +113,10 @@ def federation(tmp_path_factory: pytest.TempPathFactory, example_package: None) 
 
 @pytest.fixture(scope="module")
 def result(federation: Path) -> dict[str, Any]:
-    done = subprocess.run(
+    completed = run_in_session(
         [FEDROUND, "run", str(federation / "federation.yaml"), "--json"],
         env=cli_env(federation / "state"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
     )
-    completed = Completed(done.returncode, done.stdout, done.stderr)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return completed.result
 
