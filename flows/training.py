@@ -429,6 +429,10 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         "sites_accepted": float(len(outcome.accepted)),
         "examples": float(outcome.total_examples),
         "bytes_up": float(sum(done[s].nbytes_up for s in outcome.accepted)),
+        # What the same updates would have taken uncompressed (compression's ratio).
+        "bytes_up_dense": float(
+            sum(done[s].metrics.get("bytes_up_dense", 0.0) for s in outcome.accepted)
+        ),
         "bytes_down": float(sum(done[s].nbytes_down for s in done)),
     }
     if evaluation is not None:
