@@ -15,7 +15,6 @@ README cannot drift from what works. In a temporary folder outside the repositor
 
 from __future__ import annotations
 
-import importlib
 import re
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from .helpers import FEDROUND, cli_env, run_in_session
+from .helpers import FEDROUND, cli_env, pip_installed, run_in_session
 
 pytestmark = pytest.mark.slow
 
@@ -104,18 +103,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         customers(300, mix, seed=index).to_parquet(folder / "train.parquet", index=False)
         customers(100, mix, seed=100 + index).to_csv(folder / "test.csv", index=False)
     customers(400, (1 / 3, 1 / 3, 1 / 3), seed=999).to_csv(root / "holdout.csv", index=False)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    done = subprocess.run(
-        [*pip, "install", "--quiet", "--no-deps", "--no-build-isolation", "."],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    importlib.invalidate_caches()
-    yield root
-    subprocess.run([*pip, "uninstall", "--yes", DISTRIBUTION], capture_output=True, check=False)
+    modules = {"churn_model": root / "churn_model.py"}
+    with pip_installed(root, DISTRIBUTION, modules, always_uninstall=True):
+        yield root
 
 
 @pytest.fixture(scope="module")

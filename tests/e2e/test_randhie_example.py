@@ -19,9 +19,6 @@ Scenario (NVFlare-style): trigger → fault → expected state.
 
 from __future__ import annotations
 
-import filecmp
-import importlib.metadata
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -35,7 +32,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from .helpers import FEDROUND, cli_env, run_in_session
+from .helpers import FEDROUND, cli_env, pip_installed, run_in_session
 
 pytestmark = pytest.mark.slow
 
@@ -46,44 +43,14 @@ GOOD = ["plan-25", "plan-95", "plan-free", "plan-idp-0"]
 MIN_AUC = 0.56
 
 
-def _installed_matches_repository() -> bool:
-    """Whether the installed package is this repository's code (editable, or up to date)."""
-    try:
-        distribution = importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    sources = sorted((EXAMPLE / "randhie_federation").glob("*.py"))
-    for source in sources:
-        installed = distribution.locate_file(f"randhie_federation/{source.name}")
-        if Path(str(installed)).exists() and not filecmp.cmp(source, str(installed), shallow=False):
-            return False
-    return importlib.util.find_spec("randhie_federation") is not None
-
-
-def _pip(*args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def example_package() -> Iterator[None]:
-    """The example's package in the venv, installed as a user installs it (offline: its
-    dependencies are already in the venv). Uninstalled afterwards if it was not there."""
-    existed = True
-    try:
-        importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        existed = False
-    if not _installed_matches_repository():
-        _pip("install", "--quiet", "--no-deps", "--no-build-isolation", str(EXAMPLE))
-    yield
-    if not existed:
-        _pip("uninstall", "--yes", DISTRIBUTION)
+    """The example's package in the venv, pip-installed as a user installs it (unless this
+    very code is installed already, e.g. by scripts/randhie.sh); uninstalled afterwards if
+    this test installed it."""
+    modules = {"randhie_federation": EXAMPLE / "randhie_federation"}
+    with pip_installed(EXAMPLE, DISTRIBUTION, modules, always_uninstall=False):
+        yield
 
 
 @pytest.fixture(scope="module")
