@@ -16,7 +16,7 @@ aggregation time per round on the demo (its CNN, 46,730 parameters; 10 sites' up
 for every strategy and robust aggregator against FedAvg: strategies measured round-robin
 on the same updates, median of ``--timing-repeats`` rounds.
 
-    .venv/bin/python benchmarks/strategies.py                 # 3 seeds, ~5 min on 2 idle cores
+    .venv/bin/python benchmarks/strategies.py                 # 3 seeds, ~2 min on 2 idle cores
     .venv/bin/python benchmarks/strategies.py --seeds 1 --rounds 30   # a quick look
 """
 
