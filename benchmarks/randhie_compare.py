@@ -28,16 +28,12 @@ does it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from cli_run import run_cli
 
 from fedround.api import RoundContext, SiteDataset, TrainingConfig
 
@@ -107,28 +104,6 @@ def trained_alone(
     model.eval()
     scored = evaluate(model, dataset(holdout, mean, std), context)
     return {**scored, "epochs": metrics["epochs"], "rows": float(len(rows))}
-
-
-def run_cli(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float]:
-    """``fedround run --json`` in its own session, output in files; returns result.json and
-    the command's wall time. Once it exits, whatever it left behind in its session is ended
-    (it has been seen to leave Prefect's temporary server running, holding its output)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=err, text=True, start_new_session=True
-        )
-        try:
-            code = process.wait()
-        finally:
-            seconds = time.perf_counter() - started
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGTERM)
-        out.seek(0)
-        err.seek(0)
-        if code != 0:
-            raise RuntimeError(f"{' '.join(argv)} exited with {code}:\n{err.read()[-3000:]}")
-        return json.loads(out.read().strip().splitlines()[-1]), seconds
 
 
 def federated(folder: Path, state: Path, seed: int, rounds: int) -> dict[str, Any]:

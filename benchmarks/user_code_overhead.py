@@ -27,13 +27,11 @@ Prints a table and writes ``benchmarks/results/user_code_overhead.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cli_run import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "deployments" / "examples" / "mnist-demo.yaml"
@@ -148,28 +147,6 @@ def write_configs(folder: Path, rounds: int) -> dict[str, Path]:
         paths[name] = folder / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(config, sort_keys=False))
     return paths
-
-
-def run_cli(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float]:
-    """``fedround run --json`` in its own session, output in files; returns result.json and
-    the command's wall time. Once it exits, whatever it left behind in its session is ended
-    (it has been seen to leave Prefect's temporary server running, holding its output)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=err, text=True, start_new_session=True
-        )
-        try:
-            code = process.wait()
-        finally:
-            seconds = time.perf_counter() - started
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGTERM)
-        out.seek(0)
-        err.seek(0)
-        if code != 0:
-            raise RuntimeError(f"{' '.join(argv)} exited with {code}:\n{err.read()[-3000:]}")
-        return json.loads(out.read().strip().splitlines()[-1]), seconds
 
 
 def run(config: Path, state: Path) -> dict[str, Any]:

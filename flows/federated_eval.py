@@ -51,13 +51,15 @@ LABEL_SKEW_ARTIFACT = "lineage/label_skew.json"
 
 
 @task(
-    name="federated-evaluation",
+    name="site-evaluation",
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[1, 5],
     retry_condition_fn=only_transient,
 )
 def evaluate_at_site(spec: EvalSpec, timeout: float) -> SiteEvalResult:
+    """One site evaluates one published model (the final model of a run, or a promotion's
+    candidate and production); only metrics come back."""
     return current_dispatcher.get().evaluate(spec, timeout)
 
 

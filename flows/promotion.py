@@ -31,13 +31,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
+from fedround.flows.federated_eval import evaluate_at_site
 from fedround.site_workers.site_round import EvalSpec, SiteEvalResult
 from fedround.tasks.audit import AuditLog
 from fedround.tasks.config_versioning import config_revision
@@ -56,7 +56,6 @@ from fedround.tasks.registry import (
     RegistryError,
     VerifiedModel,
 )
-from fedround.tasks.retry import only_transient
 from fedround.tasks.runtime import CoordinatorSettings
 
 Outcome = Literal["promoted", "canary", "rejected"]
@@ -106,17 +105,6 @@ def site_dispatcher(config: FederationConfig, store: ObjectStore) -> Iterator[No
 
 
 # --- federated evaluation ---------------------------------------------------------------
-
-
-@task(
-    name="site-evaluation",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=only_transient,
-)
-def evaluate_at_site(spec: EvalSpec, timeout: float) -> SiteEvalResult:
-    return current_dispatcher.get().evaluate(spec, timeout)
 
 
 def federated_evaluation(

@@ -313,6 +313,12 @@ def reject_late_updates(
     return rejected
 
 
+# The round figures a checkpoint records beside the central evaluation's metrics.
+CHECKPOINTED_COUNTS = frozenset(
+    {"sites_selected", "sites_accepted", "examples", "bytes_up", "bytes_up_dense", "bytes_down"}
+)
+
+
 def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) -> RoundSummary:
     """One federated round, from the last committed checkpoint to the next.
 
@@ -435,6 +441,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         ),
         "bytes_down": float(sum(done[s].nbytes_down for s in done)),
     }
+    assert set(metrics) == CHECKPOINTED_COUNTS  # final_metrics tells them from evaluation's
     if evaluation is not None:
         metrics.update(evaluation)
     committed = _named(checkpoint, round_, "checkpoint")(
@@ -754,12 +761,9 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         tracker.finish("FAILED")
         raise
     dispatcher.close_run("finished")
+    # A checkpoint's metrics are the round's counts plus its central evaluation.
     final_metrics = {
-        k: v
-        for k, v in final.manifest.metrics.items()
-        if not k.startswith(
-            ("sites_", "bytes_", "examples", "round_", "slowest_", "orchestration", "dispatch_")
-        )
+        k: v for k, v in final.manifest.metrics.items() if k not in CHECKPOINTED_COUNTS
     }
     final_metrics.update(final_evaluation.federated)
     tracker.log_metrics({f"final_{k}": v for k, v in final_metrics.items()}, step=config.rounds)

@@ -15,7 +15,6 @@ optionally, ``train_file`` and ``test_file`` in it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,15 +40,6 @@ class DataError(ValueError):
     """A site's data file is missing, unreadable or of the wrong shape; names the file."""
 
 
-@dataclass(frozen=True)
-class SiteData:
-    features: npt.NDArray[np.float32]
-    labels: npt.NDArray[np.int64]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
 def save_site_data(path: Path, features: npt.ArrayLike, labels: npt.ArrayLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as handle:
@@ -60,18 +50,6 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """All arrays in an ``.npz`` file; pickled objects are refused."""
     with np.load(path, allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
-
-
-def load_site_data(path: Path) -> SiteData:
-    """Training-ready arrays; call only after the data contract passed."""
-    arrays = read_arrays(path)
-    missing = {"features", "labels"} - set(arrays)
-    if missing:
-        raise ValueError(f"{path} lacks arrays {sorted(missing)}")
-    return SiteData(
-        arrays["features"].astype(np.float32).reshape(len(arrays["labels"]), -1),
-        arrays["labels"].astype(np.int64),
-    )
 
 
 def read_table(path: Path, loader: str | None = None) -> pd.DataFrame:

@@ -7,22 +7,12 @@ classes, ``auc``. Regression: ``loss`` (the training loss, MSE by default), ``ms
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .usercode import SiteDataset
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float
-    accuracy: float
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -94,12 +84,3 @@ def builtin_metrics(model: nn.Module, data: SiteDataset) -> dict[str, float]:
     if data.task == "classification":
         return classification_metrics(outputs, data.labels)
     return regression_metrics(outputs, data.labels)
-
-
-def evaluate(
-    model: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
-) -> EvalResult:
-    """Classification on a labelled set: mean cross-entropy, accuracy and the other metrics."""
-    metrics = classification_metrics(predict(model, features, batch_size), labels)
-    n = len(labels)
-    return EvalResult(metrics.get("loss", 0.0), metrics.get("accuracy", 0.0), n, metrics)

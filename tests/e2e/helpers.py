@@ -149,3 +149,78 @@ def pip_installed(
                         _pip("uninstall", "--yes", distribution)
                     finally:
                         fcntl.flock(use, fcntl.LOCK_UN)
+
+
+# --- a federation of the user's own code and sites, in a temporary folder -----------------
+
+
+def linear_arrays(n: int, seed: int, features: int = 8) -> tuple[Any, Any]:
+    """A small, linearly separable two-class set: ``features`` float32 columns."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = (x @ np.linspace(-1.0, 1.0, features) > 0).astype(np.int64)
+    return x, y
+
+
+def write_array_federation(
+    root: Path,
+    federation: str,
+    sites: dict[str, int],
+    package: str,
+    modules: dict[str, str],
+    contract: dict[str, Any],
+    configs: dict[str, str],
+    features: int = 8,
+) -> Path:
+    """The layout a user of ``data.source: sites`` has, under ``root``:
+
+    - ``user_pkg/<package>/<module>.py`` for each of ``modules`` (name → source), put on the
+      import path by :func:`run_user_federation`, not installed;
+    - ``sites/<site>/{train.npz,test.npz,site.yaml}``, ``sites[site]`` training examples
+      each, every site.yaml pointing at the local object store under ``state/objects``;
+    - ``fed/`` with the coordinator's ``holdout.npz``, ``contract.json`` and ``configs``
+      (file name → YAML text).
+    """
+    from fedround.site_workers.data import save_site_data
+
+    folder = root / "user_pkg" / package
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text("")
+    for module, source in modules.items():
+        (folder / f"{module}.py").write_text(source)
+    for index, (site, n) in enumerate(sites.items()):
+        site_dir = root / "sites" / site
+        save_site_data(site_dir / "train.npz", *linear_arrays(n, seed=index, features=features))
+        save_site_data(
+            site_dir / "test.npz", *linear_arrays(20, seed=100 + index, features=features)
+        )
+        settings = {
+            "site": site,
+            "federation": federation,
+            "data_dir": ".",
+            "train_file": "train.npz",
+            "test_file": "test.npz",
+            "object_store": {"kind": "local", "root": str(root / "state" / "objects")},
+        }
+        (site_dir / "site.yaml").write_text(json.dumps(settings))
+    config = root / "fed"
+    config.mkdir()
+    save_site_data(config / "holdout.npz", *linear_arrays(200, seed=999, features=features))
+    (config / "contract.json").write_text(json.dumps(contract))
+    for name, text in configs.items():
+        (config / name).write_text(text)
+    return root
+
+
+def run_user_federation(
+    root: Path, config: str = "federation.yaml", timeout: float = 600
+) -> Completed:
+    """``fedround run fed/<config> --json`` as a user runs it, with ``user_pkg`` on the import
+    path of the CLI and of the site processes it spawns (see :func:`run_in_session`)."""
+    env = cli_env(root / "state")
+    env["PYTHONPATH"] = str(root / "user_pkg")
+    return run_in_session(
+        [FEDROUND, "run", str(root / "fed" / config), "--json"], env, timeout=timeout
+    )

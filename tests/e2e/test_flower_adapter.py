@@ -17,20 +17,16 @@ Scenario (NVFlare-style): trigger → fault → expected state.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 from torch.utils.data import DataLoader
 
-from fedround.site_workers.data import save_site_data
 from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import load_federation_config
@@ -39,7 +35,7 @@ from fedround.tasks.core.selection import derive_seed
 from fedround.tasks.core.strategies import fedavg
 from fedround.tasks.object_store import LocalObjectStore
 
-from .helpers import FEDROUND, Completed, cli_env
+from .helpers import run_user_federation, write_array_federation
 
 pytestmark = pytest.mark.slow
 
@@ -172,13 +168,6 @@ CONTRACT = {
 }
 
 
-def arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    features = rng.normal(size=(n, 8)).astype(np.float32)
-    labels = (features @ np.linspace(-1.0, 1.0, 8) > 0).astype(np.int64)
-    return features, labels
-
-
 FEDERATION_YAML = textwrap.dedent(
     f"""\
     federation: {FEDERATION}
@@ -199,47 +188,23 @@ FEDERATION_YAML = textwrap.dedent(
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Sites with their own files and site.yaml, the user's Flower package, the config."""
-    root = tmp_path_factory.mktemp("flower")
-    state = root / "state"
-    package = root / "user_pkg" / "fr_e2e_flower"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "client.py").write_text(USER_CLIENT)
-    for index, (site, n) in enumerate(SITES.items()):
-        folder = root / "sites" / site
-        save_site_data(folder / "train.npz", *arrays(n, seed=index))
-        save_site_data(folder / "test.npz", *arrays(20, seed=100 + index))
-        settings = {
-            "site": site,
-            "federation": FEDERATION,
-            "data_dir": ".",
-            "object_store": {"kind": "local", "root": str(state / "objects")},
-        }
-        (folder / "site.yaml").write_text(json.dumps(settings))
-    config = root / "fed"
-    config.mkdir()
-    save_site_data(config / "holdout.npz", *arrays(200, seed=999))
-    (config / "contract.json").write_text(json.dumps(CONTRACT))
-    (config / "federation.yaml").write_text(FEDERATION_YAML)
-    return root
+    return write_array_federation(
+        tmp_path_factory.mktemp("flower"),
+        FEDERATION,
+        SITES,
+        package="fr_e2e_flower",
+        modules={"client": USER_CLIENT},
+        contract=CONTRACT,
+        configs={"federation.yaml": FEDERATION_YAML},
+    )
 
 
 @pytest.fixture(scope="module")
 def result(federation: Path) -> dict[str, Any]:
-    """``fedround run`` as a user runs it, the user package on the import path of the CLI
-    and of the site processes it spawns."""
-    env = cli_env(federation / "state")
-    env["PYTHONPATH"] = str(federation / "user_pkg")
-    done = subprocess.run(
-        [FEDROUND, "run", str(federation / "fed" / "federation.yaml"), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    """``fedround run`` as a user runs it."""
+    done = run_user_federation(federation)
     assert done.returncode == 0, done.stderr[-4000:]
-    return Completed(done.returncode, done.stdout, done.stderr).result
+    return done.result
 
 
 def test_the_garbage_site_is_left_out_with_the_flower_client_named(

@@ -16,22 +16,17 @@ Scenario (NVFlare-style): trigger → fault → expected state.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from fedround.site_workers.data import load_dataset, save_site_data
+from fedround.site_workers.data import load_dataset
 from fedround.site_workers.site_state import SiteState
 from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core.config import load_federation_config
@@ -43,7 +38,7 @@ from fedround.tasks.core.usercode import RoundContext, load_weights
 from fedround.tasks.lineage import build_lineage, render_text
 from fedround.tasks.object_store import LocalObjectStore
 
-from .helpers import FEDROUND, Completed, cli_env
+from .helpers import run_user_federation, write_array_federation
 
 pytestmark = pytest.mark.slow
 
@@ -87,13 +82,6 @@ CONTRACT = {
 }
 
 
-def arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    features = rng.normal(size=(n, 6)).astype(np.float32)
-    labels = (features @ np.linspace(-1.0, 1.0, 6) > 0).astype(np.int64)
-    return features, labels
-
-
 FEDERATION_YAML = textwrap.dedent(
     f"""\
     federation: {FEDERATION}
@@ -116,54 +104,22 @@ FEDERATION_YAML = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("scaffold")
-    state = root / "state"
-    package = root / "user_pkg" / "fr_e2e_scaffold"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "fit.py").write_text(USER_TRAIN)
-    for index, (site, n) in enumerate(SITES.items()):
-        folder = root / "sites" / site
-        save_site_data(folder / "train.npz", *arrays(n, seed=index))
-        save_site_data(folder / "test.npz", *arrays(20, seed=100 + index))
-        settings = {
-            "site": site,
-            "federation": FEDERATION,
-            "data_dir": ".",
-            "object_store": {"kind": "local", "root": str(state / "objects")},
-        }
-        (folder / "site.yaml").write_text(json.dumps(settings))
-    config = root / "fed"
-    config.mkdir()
-    save_site_data(config / "holdout.npz", *arrays(200, seed=999))
-    (config / "contract.json").write_text(json.dumps(CONTRACT))
-    (config / "federation.yaml").write_text(FEDERATION_YAML)
-    return root
+    return write_array_federation(
+        tmp_path_factory.mktemp("scaffold"),
+        FEDERATION,
+        SITES,
+        package="fr_e2e_scaffold",
+        modules={"fit": USER_TRAIN},
+        contract=CONTRACT,
+        configs={"federation.yaml": FEDERATION_YAML},
+        features=6,
+    )
 
 
 @pytest.fixture(scope="module")
 def result(federation: Path) -> dict[str, Any]:
-    """``fedround run`` as a user runs it (output to files, its own session; see
-    test_user_code_faults.run_cli)."""
-    env = cli_env(federation / "state")
-    env["PYTHONPATH"] = str(federation / "user_pkg")
-    out, err = federation / "run.stdout", federation / "run.stderr"
-    with out.open("w") as stdout, err.open("w") as stderr:
-        process = subprocess.Popen(
-            [FEDROUND, "run", str(federation / "fed" / "federation.yaml"), "--json"],
-            env=env,
-            stdout=stdout,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            process.wait(timeout=900)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    done = Completed(process.returncode, out.read_text(), err.read_text())
+    """``fedround run`` as a user runs it."""
+    done = run_user_federation(federation, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.result
 

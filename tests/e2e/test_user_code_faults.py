@@ -15,22 +15,16 @@ Scenario (NVFlare-style): trigger → fault → expected state.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from fedround.site_workers.data import load_dataset, save_site_data
+from fedround.site_workers.data import load_dataset
 from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import load_federation_config
@@ -40,7 +34,7 @@ from fedround.tasks.core.strategies import fedavg
 from fedround.tasks.core.usercode import RoundContext, load_weights
 from fedround.tasks.object_store import LocalObjectStore
 
-from .helpers import FEDROUND, Completed, cli_env
+from .helpers import run_user_federation, write_array_federation
 
 pytestmark = pytest.mark.slow
 
@@ -100,13 +94,6 @@ CONTRACT = {
 }
 
 
-def arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    features = rng.normal(size=(n, 8)).astype(np.float32)
-    labels = (features @ np.linspace(-1.0, 1.0, 8) > 0).astype(np.int64)
-    return features, labels
-
-
 def federation_yaml(factory: str) -> str:
     sites = ", ".join(f"{{name: {s}, config: ../sites/{s}/site.yaml}}" for s in SITES)
     return textwrap.dedent(
@@ -130,66 +117,23 @@ def federation_yaml(factory: str) -> str:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Sites with their own files and site.yaml, a user package, the federation config."""
-    root = tmp_path_factory.mktemp("byo")
-    state = root / "state"
-    package = root / "user_pkg" / "fr_e2e_user"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "fit.py").write_text(USER_TRAIN)
-    for index, (site, n) in enumerate(SITES.items()):
-        folder = root / "sites" / site
-        save_site_data(folder / "train.npz", *arrays(n, seed=index))
-        save_site_data(folder / "test.npz", *arrays(20, seed=100 + index))
-        settings = {
-            "site": site,
-            "federation": FEDERATION,
-            "data_dir": ".",
-            "train_file": "train.npz",
-            "test_file": "test.npz",
-            "object_store": {"kind": "local", "root": str(state / "objects")},
-        }
-        (folder / "site.yaml").write_text(json.dumps(settings))
-    config = root / "fed"
-    config.mkdir()
-    save_site_data(config / "holdout.npz", *arrays(200, seed=999))
-    (config / "contract.json").write_text(json.dumps(CONTRACT))
-    (config / "federation.yaml").write_text(federation_yaml("logistic_regression"))
-    (config / "missing-factory.yaml").write_text(federation_yaml("fr_e2e_missing.models:build"))
-    return root
-
-
-def run_cli(root: Path, config: str, timeout: float = 600) -> Completed:
-    """``fedround run`` as a user runs it, the user package on the import path of the CLI
-    and of the site processes it spawns.
-
-    Output goes to files, not pipes, and the command runs in its own session: when it
-    exits, whatever it left behind is stopped, and a straggler holding a pipe open cannot
-    turn a failed run into a silent timeout.
-    """
-    env = cli_env(root / "state")
-    env["PYTHONPATH"] = str(root / "user_pkg")
-    out, err = root / f"{config}.stdout", root / f"{config}.stderr"
-    with out.open("w") as stdout, err.open("w") as stderr:
-        process = subprocess.Popen(
-            [FEDROUND, "run", str(root / "fed" / config), "--json"],
-            env=env,
-            stdout=stdout,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            process.wait(timeout=timeout)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return Completed(process.returncode, out.read_text(), err.read_text())
+    return write_array_federation(
+        tmp_path_factory.mktemp("byo"),
+        FEDERATION,
+        SITES,
+        package="fr_e2e_user",
+        modules={"fit": USER_TRAIN},
+        contract=CONTRACT,
+        configs={
+            "federation.yaml": federation_yaml("logistic_regression"),
+            "missing-factory.yaml": federation_yaml("fr_e2e_missing.models:build"),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def result(federation: Path) -> dict[str, Any]:
-    done = run_cli(federation, "federation.yaml")
+    done = run_user_federation(federation)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.result
 
@@ -272,7 +216,7 @@ def test_a_factory_that_cannot_be_imported_fails_the_run_with_one_clear_line(
     before = sorted(objects.iterdir()) if objects.exists() else []
 
     # Execute
-    done = run_cli(federation, "missing-factory.yaml")
+    done = run_user_federation(federation, "missing-factory.yaml")
 
     # Assert: it failed before the run asked any site for anything (no new run in the store)
     after = sorted(objects.iterdir()) if objects.exists() else []

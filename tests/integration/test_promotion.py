@@ -127,9 +127,10 @@ def world(local_services: Endpoints, tmp_path_factory: pytest.TempPathFactory) -
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
-    from fedround.site_workers.data import TRAIN_FILE, load_site_data
+    from fedround.site_workers.data import TRAIN_FILE, load_dataset
     from fedround.site_workers.demo_sites import provision_demo_sites
     from fedround.site_workers.training import train_locally
+    from fedround.tasks.core.config import DataConfig
     from fedround.tasks.runtime import CoordinatorSettings
 
     state = tmp_path_factory.mktemp("promotion")
@@ -150,9 +151,9 @@ def world(local_services: Endpoints, tmp_path_factory: pytest.TempPathFactory) -
             return ObjectStoreSettings.model_validate(creds.object_store_settings())
 
         site_configs = provision_demo_sites(config, CoordinatorSettings.from_env(), site_store)
-        shards = [load_site_data(p.parent / TRAIN_FILE) for p in site_configs.values()]
-        features = torch.from_numpy(np.concatenate([s.features for s in shards]))
-        labels = torch.from_numpy(np.concatenate([s.labels for s in shards]))
+        shards = [load_dataset(p.parent / TRAIN_FILE, DataConfig()) for p in site_configs.values()]
+        features = torch.cat([s.features for s in shards])
+        labels = torch.cat([s.labels for s in shards])
         model = build_model(ModelConfig(), seed=1)
         central = SiteDataset(features, labels, task="classification", num_classes=10)
         context = RoundContext(FEDERATION, run_id="central", site="central", round=1, seed=1)
