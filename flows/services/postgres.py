@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from fedround.flows.services.proc import HOST, ProcessRecord, ServiceError, log_tail
 
 logger = logging.getLogger(__name__)
@@ -235,10 +233,9 @@ def start(cluster: PostgresCluster, port: int, durable: bool, timeout_s: float) 
     pid = postmaster_pid(cluster)
     if pid is None:
         raise ServiceError(f"Postgres started but wrote no postmaster.pid in {cluster.data_dir}")
-    record = ProcessRecord(
+    record = ProcessRecord.of(
         "postgres",
         pid,
-        psutil.Process(pid).create_time(),
         {"postgres": port},
         round(time.monotonic() - started, 2),
         {"data_dir": str(cluster.data_dir), "bindir": str(cluster.bindir)},

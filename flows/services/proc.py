@@ -118,6 +118,21 @@ PORTS = PortPicker()
 # --- records -----------------------------------------------------------------------------
 
 
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (Linux), or None elsewhere.
+
+    Unlike ``psutil.Process.create_time()`` (boot time read from the wall clock plus these
+    ticks), it does not move when the system clock is adjusted: on a virtual machine the
+    wall clock can be stepped by seconds during a long test session, and a service would
+    then look like a different process (and be started a second time) although it runs.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class ProcessRecord:
     """What ``<services>/run/<name>.json`` holds about one running service."""
@@ -128,12 +143,37 @@ class ProcessRecord:
     ports: dict[str, int] = field(default_factory=dict)
     startup_s: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
+    start_ticks: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        pid: int,
+        ports: dict[str, int] | None = None,
+        startup_s: float = 0.0,
+        extra: dict[str, str] | None = None,
+    ) -> ProcessRecord:
+        """The record of the live process ``pid`` (raises ``psutil.Error`` if it is gone)."""
+        return cls(
+            name,
+            pid,
+            psutil.Process(pid).create_time(),
+            dict(ports or {}),
+            startup_s,
+            dict(extra or {}),
+            start_ticks(pid),
+        )
 
     def process(self) -> psutil.Process | None:
         """The live process this record describes, or None if it is gone (or pid reused)."""
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 1.0:
+            ticks = start_ticks(self.pid) if self.start_ticks is not None else None
+            if ticks is not None:
+                if ticks != self.start_ticks:
+                    return None
+            elif abs(proc.create_time() - self.create_time) > 1.0:
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
@@ -221,9 +261,7 @@ def spawn(launch: Launch, run_dir: Path) -> tuple[ProcessRecord, subprocess.Pope
             cwd=launch.cwd,
             start_new_session=True,
         )
-    record = ProcessRecord(
-        launch.name, proc.pid, psutil.Process(proc.pid).create_time(), dict(launch.ports)
-    )
+    record = ProcessRecord.of(launch.name, proc.pid, dict(launch.ports))
     write_record(run_dir, record)
     try:
         wait_healthy(launch, proc)

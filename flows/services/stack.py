@@ -622,15 +622,13 @@ class ServiceStack:
             import psutil
 
             try:
-                create_time = psutil.Process(pid).create_time()
+                record = ProcessRecord.of(
+                    "postgres",
+                    pid,
+                    extra={"data_dir": str(cluster.data_dir), "bindir": str(cluster.bindir)},
+                )
             except psutil.Error:
                 return False
-            record = ProcessRecord(
-                "postgres",
-                pid,
-                create_time,
-                extra={"data_dir": str(cluster.data_dir), "bindir": str(cluster.bindir)},
-            )
         alive = record.alive()
         pg.stop(record)
         drop_record(self.run_dir, "postgres")
