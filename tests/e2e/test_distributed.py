@@ -40,6 +40,7 @@ from fedround.site_workers.training import train_locally
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import load_federation_config
 from fedround.tasks.core.models import build_model
+from fedround.tasks.core.usercode import RoundContext, SiteDataset
 from fedround.tasks.object_store import ObjectStoreSettings, S3ObjectStore
 
 from .helpers import FEDROUND, Completed, cli_env
@@ -314,9 +315,9 @@ def one_epoch_seconds(features: np.ndarray, labels: np.ndarray) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = train_locally(
-            model, torch.from_numpy(features), torch.from_numpy(labels), training, seed=0
-        )
+        data = SiteDataset(torch.from_numpy(features), torch.from_numpy(labels), num_classes=10)
+        context = RoundContext(FEDERATION, "timing", "site-c", 1, seed=0, num_classes=10)
+        result = train_locally(model, data, training, context)
     finally:
         torch.set_num_threads(threads)
     return result.seconds

@@ -74,7 +74,7 @@ def test_federation_trains_and_excludes_the_broken_site(first_run: dict[str, Any
     assert first_run["sites"]["participating"] == ["site-a", "site-b", "site-c"]
     reason = first_run["sites"]["excluded"]["site-d"]
     assert "column 'label' broke expect_column_values_to_be_in_set" in reason
-    assert "5 rows, e.g. [12, 12, 12]" in reason
+    assert reason.endswith("): 5 rows") and "12" not in reason  # the count, never the values
     accuracies = [h["accuracy"] for h in first_run["history"]]
     assert len(accuracies) == 3 and accuracies[-1] > accuracies[0]
 
