@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from fedround.tasks.core.config import DataConfig
-from fedround.tasks.core.contract_report import ContractReport, RuleResult
+from fedround.tasks.core.contract_report import MISSING_COLUMN, ContractReport, RuleResult
 from fedround.tasks.core.errors import ContractError
 from fedround.tasks.core.preprocessing import MAX_LABEL_CLASSES, label_key, summarize_table
 from fedround.tasks.core.usercode import UserCodeError
@@ -70,7 +70,7 @@ def validate_frame(frame: pd.DataFrame, suite: dict[str, Any], site: str) -> Con
         column = kwargs.get("column")
         error = None
         if not item.success and column is not None and column not in frame.columns:
-            error = f"column {column!r} is missing (columns present: {sorted(frame.columns)})"
+            error = f"column {column!r} {MISSING_COLUMN} {sorted(frame.columns)})"
         elif item.exception_info and item.exception_info.get("raised_exception"):
             error = str(item.exception_info.get("exception_message"))
         details = item.result or {}

@@ -37,6 +37,9 @@ class RuleResult(BaseModel):
         return text
 
 
+MISSING_COLUMN = "is missing (columns present:"
+
+
 class ContractReport(BaseModel):
     """A site's data-contract result."""
 
@@ -59,5 +62,16 @@ class ContractReport(BaseModel):
     def summary(self) -> str:
         if self.success:
             return f"site {self.site}: {self.row_count} rows pass suite {self.suite!r}"
-        broken = "; ".join(r.describe() for r in self.failures)
-        return f"site {self.site} fails data contract {self.suite!r}: {broken}"
+        parts: list[str] = []
+        missing: dict[str, tuple[int, list[str]]] = {}  # a missing column is said once
+        for result in self.failures:
+            if result.column is not None and result.error and MISSING_COLUMN in result.error:
+                if result.column not in missing:
+                    missing[result.column] = (len(parts), [])
+                    parts.append(result.error)
+                missing[result.column][1].append(result.rule)
+            else:
+                parts.append(result.describe())
+        for index, rules in missing.values():
+            parts[index] += f"; rules that need it: {', '.join(rules)}"
+        return f"site {self.site} fails data contract {self.suite!r}: {'; '.join(parts)}"

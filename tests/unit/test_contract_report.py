@@ -1,0 +1,45 @@
+"""How a failed contract reads: each broken rule once, a missing column once with its rules."""
+
+from __future__ import annotations
+
+from fedround.tasks.core.contract_report import MISSING_COLUMN, ContractReport, RuleResult
+
+
+def _missing(column: str, rule: str) -> RuleResult:
+    return RuleResult(
+        rule=rule, column=column, success=False, error=f"column {column!r} {MISSING_COLUMN} ['a'])"
+    )
+
+
+def test_a_missing_column_is_named_once_with_every_rule_that_needs_it() -> None:
+    report = ContractReport(
+        site="site-x",
+        suite="tables",
+        success=False,
+        row_count=10,
+        results=[
+            _missing("bmi", "expect_column_to_exist"),
+            RuleResult(
+                rule="expect_column_values_to_be_between",
+                column="age",
+                success=False,
+                arguments={"min_value": 0, "max_value": 120},
+                unexpected_count=3,
+            ),
+            _missing("bmi", "expect_column_values_to_not_be_null"),
+            RuleResult(rule="expect_table_row_count_to_be_between", success=True),
+        ],
+    )
+    summary = report.summary()
+    assert summary.count("column 'bmi' is missing") == 1
+    assert (
+        "rules that need it: expect_column_to_exist, expect_column_values_to_not_be_null" in summary
+    )
+    assert "column 'age' broke expect_column_values_to_be_between(min_value=0, " in summary
+    assert summary.index("'bmi'") < summary.index("'age'")  # in the suite's order
+    assert "row_count" not in summary  # a passed rule is not listed
+
+
+def test_a_passing_report_says_how_many_rows() -> None:
+    report = ContractReport(site="s", suite="t", success=True, row_count=5, results=[])
+    assert report.summary() == "site s: 5 rows pass suite 't'"
