@@ -13,6 +13,7 @@ fedprox       FedAvg at the server (proximal term at the sites)     Li et al. 20
 fedavgm       server momentum                                       Hsu et al. 2019
 adaptive      FedAdagrad, FedYogi, FedAdam                          Reddi et al. 2021
 scaffold      server and site control variates (client drift)       Karimireddy et al. 2020
+fedbuff       asynchronous rounds: K staleness-weighted updates     Nguyen et al. 2022
 mean          streamed weighted mean (O(model))                     McMahan et al. 2017
 median        coordinate-wise median (O(n × model))                 Yin et al. 2018
 trimmed_mean  coordinate-wise β-trimmed mean (O(n × model))         Yin et al. 2018
@@ -39,6 +40,7 @@ from .base import (
 from .clipping import NormClipping, update_norm
 from .fedavg import FedAvg, fedavg
 from .fedavgm import FedAvgM
+from .fedbuff import BufferedAsync, Submission, staleness_weight
 from .fedprox import FedProx
 from .krum import Krum, MultiKrum
 from .mean import WeightedMean
@@ -53,6 +55,7 @@ __all__ = [
     "STRATEGIES",
     "AggregationError",
     "Aggregator",
+    "BufferedAsync",
     "CoordinateMedian",
     "FedAdagrad",
     "FedAdam",
@@ -70,6 +73,7 @@ __all__ = [
     "ServerStrategy",
     "Strategy",
     "StreamingAggregator",
+    "Submission",
     "TrimmedMean",
     "WeightedMean",
     "Weighting",
@@ -78,6 +82,7 @@ __all__ = [
     "build_strategy",
     "capped_weights",
     "fedavg",
+    "staleness_weight",
     "update_norm",
 ]
 
