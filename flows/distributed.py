@@ -31,7 +31,14 @@ from fedround.site_workers.site_round import EvalSpec, RoundSpec, SiteEvalResult
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import FederationConfig
 from fedround.tasks.core.contract_report import ContractReport
-from fedround.tasks.core.errors import ObjectNotFound
+from fedround.tasks.core.errors import ObjectNotFound, ObjectTooLarge
+from fedround.tasks.core.limits import (
+    CONTRACT_REPORT_MAX_BYTES,
+    EVALUATION_RESULT_MAX_BYTES,
+    SESSION_STATE_MAX_BYTES,
+    SITE_ERROR_MAX_BYTES,
+    UPDATE_MANIFEST_MAX_BYTES,
+)
 from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.object_store import ObjectStore
 
@@ -70,6 +77,8 @@ class DistributedDispatcher:
     run_id: str = ""
     sessions: dict[str, _Session] = field(default_factory=dict)
     down: dict[str, str] = field(default_factory=dict)
+    # Sites whose session wrote a heartbeat the coordinator cannot use, and why.
+    malformed: dict[str, str] = field(default_factory=dict)
 
     # --- pools and sessions -------------------------------------------------------------
 
@@ -103,8 +112,10 @@ class DistributedDispatcher:
         # Continue after any session this run already had (a resumed coordinator, a
         # restarted site): the newer attempt supersedes older ones, which then stop.
         prefix = keys.site_run_prefix(self.config.federation, self.run_id, site) + "sessions/"
-        earlier = [int(k.rsplit("/", 1)[-1].split(".")[0]) for k in self.store.list(prefix)]
+        names = [k.rsplit("/", 1)[-1].split(".")[0] for k in self.store.list(prefix)]
+        earlier = [int(n) for n in names if n.isdigit() and len(n) < 10]  # a site writes these
         session.attempt = max([session.attempt, *earlier]) + 1
+        self.malformed.pop(site, None)
         pool = self.config.work_pool(site)
         flow_run: Any = run_deployment(
             deployment_name(SESSION_DEPLOYMENT, pool),
@@ -139,14 +150,25 @@ class DistributedDispatcher:
         session = self.sessions[site]
         key = keys.session_key(self.config.federation, self.run_id, site, session.attempt)
         try:
-            return int(json.loads(self.store.get(key))["beat"])
+            body = json.loads(self.store.get(key, max_bytes=SESSION_STATE_MAX_BYTES))
+            beat = body.get("beat") if isinstance(body, dict) else None
+            if not isinstance(beat, int) or isinstance(beat, bool):
+                raise ValueError(f"'beat' is {str(beat)[:40]!r}, not a whole number")
+            return beat
         except ObjectNotFound:
+            return None
+        except (ObjectTooLarge, ValueError) as exc:  # a site wrote it: never trusted
+            if site not in self.malformed:
+                log.warning("site %s: unusable session heartbeat: %s", site, exc)
+            self.malformed[site] = f"its session heartbeat is unusable ({exc})"
             return None
 
     def _alive_or_joining(self, site: str) -> bool:
         """True while the session beats, or has not started yet but may still join."""
         session = self.sessions[site]
         beat = self._beat(site)
+        if site in self.malformed:
+            return False
         now = time.monotonic()
         if beat is None:
             join = self.join_timeout_s or self.config.selection.join_timeout_s
@@ -156,11 +178,14 @@ class DistributedDispatcher:
         liveness = self.liveness_s or self.config.selection.liveness_s
         return now - session.last_change < liveness
 
-    def _get(self, key: str) -> bytes | None:
+    def _get(self, key: str, max_bytes: int) -> bytes | None:
+        """A site-written object, read with a size limit; ``None`` while it is absent."""
         try:
-            return self.store.get(key)
+            return self.store.get(key, max_bytes=max_bytes)
         except ObjectNotFound:
             return None
+        except ObjectTooLarge as exc:
+            raise SiteUnavailable(str(exc)) from exc
 
     def _poll(
         self, site: str, what: str, timeout: float, probe: Callable[[], T | None], watch: bool
@@ -179,6 +204,8 @@ class DistributedDispatcher:
             if watch and now >= next_liveness:
                 next_liveness = now + 0.5
                 if not self._alive_or_joining(site):
+                    if site in self.malformed:
+                        raise SiteUnavailable(f"site {site}: {self.malformed[site]}")
                     raise SiteUnavailable(f"site {site}'s session stopped answering during {what}")
             time.sleep(self.poll_s)
 
@@ -195,8 +222,17 @@ class DistributedDispatcher:
         if site in self.down:
             raise SiteUnavailable(f"site {site}: {self.down[site]}")
         key = keys.contract_report_key(federation, run_id, site)
-        payload = self._poll(site, "its data contract", timeout, lambda: self._get(key), True)
-        return ContractReport.model_validate_json(payload)
+        payload = self._poll(
+            site,
+            "its data contract",
+            timeout,
+            lambda: self._get(key, CONTRACT_REPORT_MAX_BYTES),
+            True,
+        )
+        try:
+            return ContractReport.model_validate_json(payload)
+        except ValueError as exc:
+            raise SiteUnavailable(f"site {site}: its contract report is malformed: {exc}") from exc
 
     def announce_round(
         self, round_: int, nonce: str, specs: list[RoundSpec], deadline: float
@@ -225,7 +261,7 @@ class DistributedDispatcher:
         error_key = keys.round_error_key(federation, run_id, round_, site)
 
         def probe() -> tuple[bytes, UpdateManifest | None] | None:
-            raw = self._get(manifest_key)
+            raw = self._get(manifest_key, UPDATE_MANIFEST_MAX_BYTES)
             if raw is not None:
                 try:
                     manifest = UpdateManifest.from_json(raw)
@@ -247,17 +283,21 @@ class DistributedDispatcher:
             update_key=keys.update_key(federation, run_id, round_, site),
             manifest_key=manifest_key,
             nbytes_up=(manifest.nbytes if manifest else 0) + len(raw),
-            nbytes_down=int(manifest.metrics.get("bytes_down", 0)) if manifest else 0,
+            nbytes_down=_count(manifest.metrics.get("bytes_down")) if manifest else 0,
             metrics=manifest.metrics if manifest else {},
             seconds=time.monotonic() - started,
         )
 
     def _error(self, key: str, nonce: str) -> str | None:
         try:
-            body: dict[str, Any] = json.loads(self.store.get(key))
+            body = json.loads(self.store.get(key, max_bytes=SITE_ERROR_MAX_BYTES))
         except ObjectNotFound:
             return None
-        return str(body.get("error")) if body.get("nonce") == nonce else None
+        except (ObjectTooLarge, ValueError) as exc:
+            return f"its error object is unusable ({exc})"
+        if not isinstance(body, dict):
+            return "its error object is unusable (not a JSON object)"
+        return str(body.get("error"))[:2000] if body.get("nonce") == nonce else None
 
     def evaluate(self, spec: EvalSpec, timeout: float) -> SiteEvalResult:
         from prefect.deployments import run_deployment
@@ -275,8 +315,19 @@ class DistributedDispatcher:
             idempotency_key=f"{evaluation_id}/{spec.site}/{spec.model_key}",
         )
         key = keys.evaluation_result_key(spec.federation, evaluation_id, spec.site)
-        payload = self._poll(spec.site, "its evaluation", timeout, lambda: self._get(key), False)
-        return SiteEvalResult.model_validate_json(payload)
+        payload = self._poll(
+            spec.site,
+            "its evaluation",
+            timeout,
+            lambda: self._get(key, EVALUATION_RESULT_MAX_BYTES),
+            False,
+        )
+        try:
+            return SiteEvalResult.model_validate_json(payload)
+        except ValueError as exc:
+            raise SiteUnavailable(
+                f"site {spec.site}: its evaluation result is malformed: {exc}"
+            ) from exc
 
     def close_run(self, state: str) -> None:
         if self.run_id:
@@ -288,3 +339,10 @@ class DistributedDispatcher:
     def _put_pointer(self, body: dict[str, Any]) -> None:
         key = keys.run_pointer_key(self.config.federation, self.run_id)
         self.store.put(key, json.dumps(body).encode())
+
+
+def _count(value: object) -> int:
+    """A byte count a site reported: a finite, non-negative number, else 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return int(value) if 0 <= value < 2**53 else 0

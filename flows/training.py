@@ -60,10 +60,12 @@ from fedround.tasks.core.contract_report import ContractReport
 from fedround.tasks.core.errors import (
     ConfigError,
     ObjectNotFound,
+    ObjectTooLarge,
     QuorumNotReached,
     UpdateRejected,
 )
 from fedround.tasks.core.federated_eval import evaluating_sites, without_eval
+from fedround.tasks.core.limits import UPDATE_MANIFEST_MAX_BYTES
 from fedround.tasks.core.manifest import CheckpointManifest, GlobalManifest, UpdateManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.preprocessing import Preprocessor, bound_summary, merge_summaries
@@ -305,10 +307,11 @@ def reject_late_updates(
             continue
         pending.discard((round_, site))
         try:
-            check_manifest(UpdateManifest.from_json(store.get(key)), replace(expected, site=site))
+            raw = store.get(key, max_bytes=UPDATE_MANIFEST_MAX_BYTES)
+            check_manifest(UpdateManifest.from_json(raw), replace(expected, site=site))
         except UpdateRejected as exc:
             rejected[f"{site} (round {round_})"] = f"late update rejected: {exc}"
-        except ValueError as exc:
+        except (ValueError, ObjectTooLarge) as exc:
             rejected[f"{site} (round {round_})"] = f"late update rejected: malformed ({exc})"
     return rejected
 

@@ -26,7 +26,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fedround.tasks.core import keys
-from fedround.tasks.core.errors import ObjectStoreError, RejectReason, UpdateRejected
+from fedround.tasks.core.errors import (
+    ObjectStoreError,
+    ObjectTooLarge,
+    RejectReason,
+    UpdateRejected,
+)
+from fedround.tasks.core.limits import UPDATE_MANIFEST_MAX_BYTES
 from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.serialization import Weights
 from fedround.tasks.core.strategies import AggregationError, Strategy
@@ -84,15 +90,19 @@ def read_update(
             expected.federation, expected.run_id, expected.round, expected.site
         )
         try:
-            manifest = UpdateManifest.from_json(store.get(manifest_key))
+            raw = store.get(manifest_key, max_bytes=UPDATE_MANIFEST_MAX_BYTES)
+            manifest = UpdateManifest.from_json(raw)
+        except ObjectTooLarge as exc:
+            raise UpdateRejected(RejectReason.MALFORMED, f"manifest: {exc}") from exc
         except ValueError as exc:
             raise UpdateRejected(RejectReason.MALFORMED, f"manifest is not valid: {exc}") from exc
-    size = store.size(update_key)
-    if size > expected.max_bytes:  # refuse before downloading it
+    try:  # one bounded read: never the whole of an oversized object, no size-then-read race
+        payload = store.get(update_key, max_bytes=expected.max_bytes)
+    except ObjectTooLarge as exc:
         raise UpdateRejected(
-            RejectReason.TOO_LARGE, f"{size} bytes exceeds the limit {expected.max_bytes}"
-        )
-    return manifest, validate_update(manifest, store.get(update_key), expected)
+            RejectReason.TOO_LARGE, f"larger than the limit of {expected.max_bytes} bytes"
+        ) from exc
+    return manifest, validate_update(manifest, payload, expected)
 
 
 def _prefetched(

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from fedround.tasks.core.errors import ConfigError, ObjectNotFound, ObjectStoreError
+from fedround.tasks.core.errors import ConfigError, ObjectNotFound, ObjectStoreError, ObjectTooLarge
 
 _Headers = dict[str, str | list[str] | tuple[str]]  # what the MinIO SDK accepts as headers
 
@@ -27,6 +27,12 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _within(data: bytes, max_bytes: int | None, uri: str) -> bytes:
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ObjectTooLarge(f"{uri} is larger than the {max_bytes:,} bytes allowed for it")
+    return data
+
+
 class ObjectStore(ABC):
     """The operations fedround needs from an object store."""
 
@@ -34,8 +40,14 @@ class ObjectStore(ABC):
     def put(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
-    def get(self, key: str) -> bytes:
-        """The object's bytes; raises :class:`ObjectNotFound` if absent."""
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; raises :class:`ObjectNotFound` if absent.
+
+        With ``max_bytes`` (objects another party wrote: a site's heartbeat, report or
+        manifest), at most ``max_bytes + 1`` bytes are read, in the same request that
+        opens the object, and a larger object raises :class:`ObjectTooLarge`: no size
+        check that the writer could outrun by replacing the object, no unbounded read.
+        """
 
     @abstractmethod
     def size(self, key: str) -> int:
@@ -95,11 +107,13 @@ class LocalObjectStore(ObjectStore):
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with self._path(key).open("rb") as handle:
+                data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
         except FileNotFoundError:
             raise ObjectNotFound(f"no object {self.uri(key)}") from None
+        return _within(data, max_bytes, self.uri(key))
 
     def size(self, key: str) -> int:
         try:
@@ -199,13 +213,16 @@ class S3ObjectStore(ObjectStore):
         except Exception as exc:
             raise self._error(key, exc) from exc
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
             response = self.client.get_object(self.bucket, _check_key(key))
         except Exception as exc:
             raise self._error(key, exc) from exc
         try:
-            return bytes(response.read())
+            if max_bytes is None:
+                return bytes(response.read())
+            data = bytes(response.read(max_bytes + 1))  # the rest is never transferred
+            return _within(data, max_bytes, self.uri(key))
         finally:
             response.close()
             response.release_conn()

@@ -21,6 +21,10 @@ class ObjectNotFound(ObjectStoreError):
     """A key does not exist in the object store."""
 
 
+class ObjectTooLarge(ObjectStoreError):
+    """An object is larger than the reader allows (read in one request, never whole)."""
+
+
 class CheckpointError(FedroundError):
     """A checkpoint is missing, incomplete or fails its digest check."""
 

@@ -20,7 +20,7 @@ from fedround.tasks.audit import AuditLog
 from fedround.tasks.checkpoints import MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import ModelConfig, parse_federation_config
-from fedround.tasks.core.errors import CheckpointError
+from fedround.tasks.core.errors import CheckpointError, ObjectTooLarge
 from fedround.tasks.core.manifest import CheckpointManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.locks import Lock
@@ -276,3 +276,24 @@ def test_backup_and_restore_verify_every_digest(
         json.loads(store.get(keys.checkpoint_prefix(federation, run_id, 0) + MANIFEST))["round"]
         == 0
     )
+
+
+def test_a_bounded_read_on_s3_stops_at_the_limit_and_the_client_stays_usable(
+    s3_service: Endpoints,
+) -> None:
+    """A site's oversized object is refused after ``max_bytes + 1`` bytes of one GET; the
+    connection that was cut short does not break the next request."""
+    store = S3ObjectStore(
+        s3_service.s3_endpoint,
+        s3_service.s3_bucket,
+        s3_service.admin_access_key,
+        s3_service.admin_secret_key,
+        region=s3_service.s3_region,
+    )
+    key = f"bounded-{uuid.uuid4().hex[:8]}/heartbeat.json"
+    store.put(key, b"{" + b" " * (8 * 1024 * 1024) + b"}")  # an 8 MiB "heartbeat"
+    with pytest.raises(ObjectTooLarge, match="larger than the 65,536 bytes allowed"):
+        store.get(key, max_bytes=65_536)
+    store.put(key, b'{"beat": 4}')
+    for _ in range(3):  # the pooled connections still work
+        assert store.get(key, max_bytes=65_536) == b'{"beat": 4}'
