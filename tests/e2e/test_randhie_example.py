@@ -98,8 +98,8 @@ def test_plans_that_break_the_contract_are_excluded_naming_column_and_rule(
     assert "min_value=0" in negative
     assert "12 rows" in negative
     missing = excluded["plan-idp-100"]
-    assert "column 'physlm' broke expect_column_to_exist" in missing
-    assert "'physlm' is missing" in missing
+    assert missing.count("column 'physlm' is missing") == 1  # once, however many rules
+    assert "expect_column_to_exist" in missing.split("rules that need it: ")[1]
     assert result["sites"]["participating"] == GOOD
     assert [h["sites_accepted"] for h in result["history"]] == [4.0] * ROUNDS
 

@@ -103,7 +103,7 @@ def test_median_clipping_cuts_the_boosted_site_and_reads_each_update_once(
     sites = _honest_and_boosted(store)
     reads: list[str] = []
     get = store.get
-    store.get = lambda key: reads.append(key) or get(key)  # type: ignore[method-assign]
+    store.get = lambda key, max_bytes=None: reads.append(key) or get(key, max_bytes)  # type: ignore[method-assign]
     # Execute: the default strategy (clip to 5 × the round's median norm)
     outcome = aggregate_updates(
         store, build_strategy("fedavg"), GLOBAL, {s: _expect(s) for s in sites}
@@ -139,11 +139,11 @@ def test_an_update_replaced_between_the_passes_is_left_out_and_the_round_redone(
     get = store.get
     served: dict[str, int] = {}
 
-    def get_and_tamper(k: str) -> bytes:
+    def get_and_tamper(k: str, max_bytes: int | None = None) -> bytes:
         served[k] = served.get(k, 0) + 1
         if k == key and served[k] == 2:  # the second read of site-1 sees other bytes
             return weights_to_bytes({"w": torch.full((4,), 1e6), "b": torch.zeros(2)})
-        return get(k)
+        return get(k, max_bytes)
 
     store.get = get_and_tamper  # type: ignore[method-assign]
     # Execute
