@@ -39,15 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fl_sim import Federation, Job, _local_update, split
+from fl_sim import Federation, Job, evaluate, local_update, site_context, split
 
 from fedround.tasks.core.config import StrategyConfig
-from fedround.tasks.core.evaluation import builtin_metrics
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.selection import derive_seed, select_sites
 from fedround.tasks.core.serialization import Weights
 from fedround.tasks.core.strategies import BufferedAsync, build_strategy
-from fedround.tasks.core.usercode import RoundContext
 
 RESULTS = Path(__file__).parent / "results" / "async.json"
 MS_PER_EXAMPLE_EPOCH = 1.0  # simulated local-training cost
@@ -102,21 +100,8 @@ def durations(federation: Federation, job: Job, seed: int, slow_share: float, sl
     return per_site, sorted(slow)
 
 
-def _context(site: str, seed: int, step: int) -> RoundContext:
-    return RoundContext(
-        federation="benchmark",
-        run_id=str(seed),
-        site=site,
-        round=step,
-        seed=derive_seed(seed, "train", step, site),
-        task="classification",
-        num_classes=10,
-    )
-
-
 def _accuracy(model: torch.nn.Module, weights: Weights, federation: Federation) -> float:
-    model.load_state_dict(weights)
-    return builtin_metrics(model, federation.test)["accuracy"]
+    return evaluate(model, weights, federation.test)["accuracy"]
 
 
 def run_sync(
@@ -134,9 +119,9 @@ def run_sync(
         server.begin_round(weights)
         updates = {}
         for site in selected:
-            context = _context(site, seed, round_)
+            context = site_context(site, seed, round_)
             data = federation.sites[site]
-            delta = _local_update(model, weights, data, job, FEDAVG, context)
+            delta = local_update(model, weights, data, job, FEDAVG, context)
             updates[site] = (delta, len(data))
             trace.trainings += 1
         for site in sorted(updates):
@@ -179,8 +164,8 @@ def run_async(
         site = rng.choice(sorted(set(federation.names) - busy))
         busy.add(site)
         order += 1
-        context = _context(site, seed, order)
-        delta = _local_update(model, server.weights, federation.sites[site], job, FEDAVG, context)
+        context = site_context(site, seed, order)
+        delta = local_update(model, server.weights, federation.sites[site], job, FEDAVG, context)
         trace.trainings += 1
         heapq.heappush(running, (at + cost[site], order, site, delta, server.version))
 

@@ -172,7 +172,7 @@ class History:
         }
 
 
-def _local_update(
+def local_update(
     model: torch.nn.Module,
     global_weights: Weights,
     data: SiteDataset,
@@ -191,7 +191,20 @@ def _local_update(
     return apply_update_hooks(hooks, delta)
 
 
-def _evaluate(model: torch.nn.Module, weights: Weights, test: SiteDataset) -> dict[str, float]:
+def site_context(site: str, seed: int, round_: int) -> RoundContext:
+    """A site's round context in a benchmark run, with fedround's per-site training seed."""
+    return RoundContext(
+        federation="benchmark",
+        run_id=str(seed),
+        site=site,
+        round=round_,
+        seed=derive_seed(seed, "train", round_, site),
+        task="classification",
+        num_classes=10,
+    )
+
+
+def evaluate(model: torch.nn.Module, weights: Weights, test: SiteDataset) -> dict[str, float]:
     model.load_state_dict(weights)
     return builtin_metrics(model, test)
 
@@ -227,22 +240,14 @@ def run_federated(
         selected = select_sites(federation.names, job.fraction, 1, seed, round_)
         updates: Updates = {}
         for site in selected:
-            context = RoundContext(
-                federation="benchmark",
-                run_id=str(seed),
-                site=site,
-                round=round_,
-                seed=derive_seed(seed, "train", round_, site),
-                task="classification",
-                num_classes=10,
-            )
+            context = site_context(site, seed, round_)
             extra: list[ClientHook] = []
             if scaffold:  # as site_workers/scaffold.py: c from the server, cᵢ (or 0) kept here
                 control = server_control(server.state_dict(), weights)
                 own = variates.get(site) or {n: torch.zeros_like(t) for n, t in control.items()}
                 variate = ControlVariate(control, own, job.learning_rate)
                 extra.append(variate)
-            delta = _local_update(model, weights, data[site], job, strategy, context, extra)
+            delta = local_update(model, weights, data[site], job, strategy, context, extra)
             if scaffold and variate.updated is not None:
                 variates[site] = variate.updated
             updates[site] = (delta, len(data[site]))
@@ -265,7 +270,7 @@ def run_federated(
         if not all(bool(torch.isfinite(t).all()) for t in new.values() if t.is_floating_point()):
             new = weights  # fedround's checkpoint refuses non-finite weights the same way
         weights = new
-        metrics = _evaluate(model, weights, federation.test)
+        metrics = evaluate(model, weights, federation.test)
         history.accuracy.append(metrics["accuracy"])
         history.loss.append(metrics["loss"])
     history.seconds = time.perf_counter() - started
