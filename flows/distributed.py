@@ -79,6 +79,10 @@ class DistributedDispatcher:
     down: dict[str, str] = field(default_factory=dict)
     # Sites whose session wrote a heartbeat the coordinator cannot use, and why.
     malformed: dict[str, str] = field(default_factory=dict)
+    # The open plans by round, and each site's latest assignment (round, nonce): in
+    # ``mode: async`` sites join a version's plan one at a time.
+    plans: dict[int, dict[str, Any]] = field(default_factory=dict)
+    assigned: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     # --- pools and sessions -------------------------------------------------------------
 
@@ -237,19 +241,35 @@ class DistributedDispatcher:
     def announce_round(
         self, round_: int, nonce: str, specs: list[RoundSpec], deadline: float
     ) -> list[str]:
-        """Publish the round's plan and open it; returns the sites skipped as down."""
+        """Publish the round's plan and open it; returns the sites skipped as down.
+
+        Announcing the same round and nonce again adds sites to its plan (``mode: async``
+        sends a version to each site as it becomes idle). The run pointer lists every
+        site's latest assignment, which a session serves once."""
         self._ensure_sessions(spec.site for spec in specs)
-        plan = {
-            "round": round_,
-            "nonce": nonce,
-            "deadline_epoch": deadline,
-            "specs": {s.site: s.model_dump(mode="json") for s in specs if s.site not in self.down},
-        }
+        plan = self.plans.get(round_)
+        if plan is None or plan["nonce"] != nonce:
+            plan = {"round": round_, "nonce": nonce, "deadline_epoch": deadline, "specs": {}}
+            self.plans[round_] = plan
+            for old in [r for r in self.plans if r < round_ - 10]:
+                del self.plans[old]
+        plan["deadline_epoch"] = max(plan["deadline_epoch"], deadline)
+        for spec in specs:
+            if spec.site not in self.down:
+                plan["specs"][spec.site] = spec.model_dump(mode="json")
+                self.assigned[spec.site] = (round_, nonce)
         federation = self.config.federation
         self.store.put(
             keys.round_plan_key(federation, self.run_id, round_), json.dumps(plan).encode()
         )
-        self._put_pointer({"state": "running", "round": round_, "nonce": nonce})
+        self._put_pointer(
+            {
+                "state": "running",
+                "round": round_,
+                "nonce": nonce,
+                "assigned": {site: list(at) for site, at in self.assigned.items()},
+            }
+        )
         return sorted(s.site for s in specs if s.site in self.down)
 
     def run_round(self, spec: RoundSpec, timeout: float) -> SiteRoundResult:

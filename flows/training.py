@@ -21,6 +21,7 @@ import secrets
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,9 +55,10 @@ from fedround.tasks.core.config import (
     FederationConfig,
     ModelConfig,
     StrategyConfig,
+    load_contract_suite,
     load_federation_config,
 )
-from fedround.tasks.core.contract_report import ContractReport
+from fedround.tasks.core.contract_report import ContractReport, classify_reports
 from fedround.tasks.core.errors import (
     ConfigError,
     ObjectNotFound,
@@ -282,6 +284,37 @@ def _collect(
 # --- one round --------------------------------------------------------------------------
 
 
+def round_spec(
+    ctx: RunContext,
+    round_: int,
+    site: str,
+    announced: GlobalManifest,
+    control_sha256: str | None = None,
+    evaluate_received: bool = False,
+) -> RoundSpec:
+    """What ``site`` is asked to do in ``round_``: train on the global model ``announced``."""
+    config = ctx.config
+    return RoundSpec(
+        federation=config.federation,
+        run_id=ctx.run_id,
+        round=round_,
+        site=site,
+        nonce=announced.nonce,
+        global_sha256=announced.sha256,
+        seed=derive_seed(config.seed, "train", round_, site),
+        model=ctx.model,
+        training=config.training,
+        data=config.data,
+        strategy=config.strategy,
+        compression=config.compression,
+        preprocessing_sha256=ctx.preprocessing_sha256,
+        control_sha256=control_sha256,
+        context=run_context.current_fields(),
+        evaluation=config.evaluation,
+        evaluate_received=evaluate_received,
+    )
+
+
 def _named(task_: Any, round_: int, what: str) -> Any:
     # Names, not tags: a tagged task run asks the API for tag concurrency slots (~0.3 s+).
     return task_.with_options(task_run_name=f"round {round_} · {what}")
@@ -357,25 +390,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     )
     evaluators = set(evaluating_sites(selected, config.evaluation.federated, config.seed, round_))
     specs = [
-        RoundSpec(
-            federation=config.federation,
-            run_id=ctx.run_id,
-            round=round_,
-            site=site,
-            nonce=announced.nonce,
-            global_sha256=announced.sha256,
-            seed=derive_seed(config.seed, "train", round_, site),
-            model=ctx.model,
-            training=config.training,
-            data=config.data,
-            strategy=config.strategy,
-            compression=config.compression,
-            preprocessing_sha256=ctx.preprocessing_sha256,
-            control_sha256=control_sha256,
-            context=run_context.current_fields(),
-            evaluation=config.evaluation,
-            evaluate_received=site in evaluators,
-        )
+        round_spec(ctx, round_, site, announced, control_sha256, site in evaluators)
         for site in selected
     ]
     opened = time.time()
@@ -599,17 +614,10 @@ def _check_contracts(
         )
         for site in config.sites
     }
-    passed: dict[str, ContractReport] = {}
-    excluded: dict[str, str] = {}
-    for site, report in settle(futures).items():
-        if isinstance(report, ContractReport) and report.success:
-            passed[site] = report
-        elif isinstance(report, ContractReport):
-            excluded[site] = report.summary()
-        else:
-            excluded[site] = f"site {site}: data contract could not run: {report}"
-        if site in excluded:
-            logger.warning(excluded[site])
+    outcomes = settle(futures)
+    passed, excluded = classify_reports(outcomes, config.limits.max_examples_per_site)
+    for reason in excluded.values():
+        logger.warning(reason)
     if len(passed) < config.selection.min_sites:
         raise QuorumNotReached(
             f"only {len(passed)} of {len(config.sites)} sites pass their data contract, the "
@@ -639,7 +647,7 @@ def train_federation(
     ``init_from`` (``models:/<name>@<alias>``) starts from a registered model's weights; a
     config with uncommitted changes is refused unless ``allow_dirty``.
     """
-    run_id = run_id or default_run_id()
+    run_id = keys.check_run_id(run_id or default_run_id())
     settings = CoordinatorSettings.from_env()
     lineage = TrainingLineage.prepare(
         Path(config_path), run_id, settings.tracking_uri, init_from, allow_dirty
@@ -675,7 +683,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
     load_callable(config.model.import_path, "model factory")  # fail before the sites start
     config_sha256 = sha256_hex(path.read_bytes())
     store = open_store(settings.object_store)
-    suite = json.loads((path.parent / config.contract).read_text())
+    suite = load_contract_suite(path, config)
     store.put(keys.contract_key(config.federation, run_id), json.dumps(suite).encode())
     store.put(keys.data_spec_key(config.federation, run_id), config.data.model_dump_json().encode())
     tracker = RunTracker.start(
@@ -851,9 +859,7 @@ def _run_rounds(ctx: RunContext, first: int) -> list[RoundSummary]:
         file=sys.stderr,
         dynamic_ncols=True,
     ) as progress:
-        pending_late: set[tuple[int, str]] = set()
-        for round_ in range(first, config.rounds + 1):
-            summary = run_round(ctx, round_, pending_late)
+        for summary in _rounds(ctx, first):
             summaries.append(summary)
             metric = config.evaluation.metric
             progress.set_postfix(
@@ -862,5 +868,17 @@ def _run_rounds(ctx: RunContext, first: int) -> list[RoundSummary]:
                 refresh=False,
             )
             progress.update()
-            update_progress_artifact(artifact, progress=100.0 * round_ / config.rounds)
+            update_progress_artifact(artifact, progress=100.0 * summary.round / config.rounds)
     return summaries
+
+
+def _rounds(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
+    """Synchronous rounds, or (``mode: async``) FedBuff's global versions, as they commit."""
+    if ctx.config.mode == "async":
+        from fedround.flows.asynchronous import run_versions  # it builds on this module
+
+        yield from run_versions(ctx, first)
+        return
+    pending_late: set[tuple[int, str]] = set()
+    for round_ in range(first, ctx.config.rounds + 1):
+        yield run_round(ctx, round_, pending_late)

@@ -8,8 +8,9 @@ session then serves every round of the run with sub-second latency:
 
 1. check the site's data contract; upload only the report;
 2. bump a heartbeat object every second (so the coordinator notices a dead site fast);
-3. poll the run's pointer (``current.json``) every ``poll_s``; when a round opens that
-   selects this site, run it as a Prefect task (``round 7 · train``, visible in the UI
+3. poll the run's pointer (``current.json``) every ``poll_s``; when it assigns this site
+   a round it has not served (sync: each round that selects it; ``mode: async``: each
+   global version it is sent), run it as a Prefect task (``round 7 · train``, visible in the UI
    under this flow run) and upload the update, or an ``error.json`` if it failed;
 4. stop when the run finishes or fails, when a newer session of this site supersedes
    this one, or after ``idle_timeout_s`` without a new round.
@@ -158,7 +159,7 @@ def site_session(
         )
         if not report.success:
             return {"site": site, "contract": "failed", "rounds": served}
-        last_seen: tuple[int, str] | None = None
+        attempted: set[tuple[int, str]] = set()
         idle_since = time.monotonic()
         next_check = 0.0
         while True:
@@ -171,16 +172,28 @@ def site_session(
                 if _superseded(store, federation, run_id, site, attempt):
                     logger.info("a newer session of %s took over: session %d ends", site, attempt)
                     break
-            current = (int(pointer.get("round", 0)), str(pointer.get("nonce", "")))
-            if current[0] and current != last_seen:
-                last_seen = current
+            assignment = _assignment(pointer, site)
+            if assignment is not None and assignment not in attempted:
+                attempted.add(assignment)
                 idle_since = time.monotonic()
-                _serve_round(store, settings, federation, run_id, current[0], current[1], served)
+                _serve_round(store, settings, federation, run_id, *assignment, served)
             elif time.monotonic() - idle_since > idle_timeout_s:
                 logger.warning("no new round for %.0f s: session ends", idle_timeout_s)
                 break
             time.sleep(poll_s)
     return {"site": site, "contract": "passed", "rounds": served}
+
+
+def _assignment(pointer: dict[str, Any], site: str) -> tuple[int, str] | None:
+    """The (round, nonce) the run pointer assigns to ``site``, if any."""
+    entry = pointer.get("assigned", {})
+    at = entry.get(site) if isinstance(entry, dict) else None
+    if not isinstance(at, list) or len(at) != 2:
+        return None
+    round_, nonce = at
+    if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 1:
+        return None
+    return round_, str(nonce)
 
 
 def _serve_round(

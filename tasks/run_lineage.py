@@ -28,7 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from fedround.tasks import run_context
 from fedround.tasks.config_versioning import ConfigRevision, config_revision
-from fedround.tasks.core.config import FederationConfig, load_federation_config
+from fedround.tasks.core.config import (
+    FederationConfig,
+    load_contract_suite,
+    load_federation_config,
+)
 from fedround.tasks.core.contract_report import ContractReport
 from fedround.tasks.core.costs import SITE_FIGURES, summarize
 from fedround.tasks.core.errors import ConfigError
@@ -99,6 +103,7 @@ def precheck(config_path: Path, allow_dirty: bool) -> None:
     """Refuse a dirty config, or a model factory this machine cannot import, in seconds,
     before any service starts (the coordinator builds the model; sites need it too)."""
     config = load_federation_config(config_path)
+    load_contract_suite(config_path, config)
     load_callable(config.model.import_path, "model factory")
     if config.evaluation.evaluate and config.evaluation.holdout:
         load_callable(config.evaluation.evaluate, "evaluate function")

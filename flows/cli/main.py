@@ -137,8 +137,11 @@ def run(
     environment.configure(state)
     options: dict[str, Any] = {"init_from": init_from, "allow_dirty": allow_dirty}
     try:
+        from fedround.tasks.core.keys import check_run_id
         from fedround.tasks.run_lineage import precheck
 
+        if run_id is not None:
+            check_run_id(run_id)
         precheck(config.resolve(), allow_dirty)  # refuse a dirty config before starting
         if distributed:
             result = _run_distributed(config.resolve(), run_id, **options)

@@ -6,6 +6,7 @@ got and what is allowed.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -34,7 +35,9 @@ ImportPath = Annotated[str, Field(pattern=_IMPORT_PATH.pattern)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf and .nan are valid YAML floats; no setting here means anything with them
+    # (deadline_s: .inf would wait forever), so they are refused with the field named.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PartitionConfig(_Strict):
@@ -528,6 +531,31 @@ class SelectionConfig(_Strict):
     )
 
 
+class AsyncConfig(_Strict):
+    """``mode: async``: FedBuff's buffered asynchronous rounds (Nguyen et al. 2022).
+
+    Sites train continuously, each on the latest global model it was sent; the coordinator
+    makes a new global version from every ``buffer_size`` accepted updates, each weighted
+    by (1 + staleness)^(−``staleness_exponent``); an update more than ``max_staleness``
+    versions behind is rejected and reported. ``rounds`` counts global versions.
+    """
+
+    buffer_size: int = Field(
+        2, ge=1, description="K: accepted updates that make one new global version"
+    )
+    max_staleness: int = Field(
+        5, ge=1, description="versions an update may lag behind the current one before rejection"
+    )
+    staleness_exponent: float = Field(
+        0.5, ge=0, le=10, description="a in the staleness weight (1 + τ)^(−a); 0 weighs all alike"
+    )
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="sites training at once (default: selection.fraction of the sites, at least K)",
+    )
+
+
 class CompressionConfig(_Strict):
     """Compressed updates, site → coordinator (see :mod:`fedround.tasks.core.compression`).
 
@@ -581,6 +609,13 @@ class LimitsConfig(_Strict):
 
     max_update_bytes: int = Field(16 * 1024 * 1024, ge=1)
     max_update_norm: float | None = Field(None, gt=0)
+    max_examples_per_site: int = Field(
+        100_000_000,
+        ge=1,
+        le=2**53,
+        description="the most rows a site's data contract may report: a site weighs by "
+        "the rows it reports, so one claiming more is left out rather than trusted",
+    )
 
 
 class RegistryConfig(_Strict):
@@ -661,11 +696,19 @@ class SiteEntry(_Strict):
 
 
 class FederationConfig(_Strict):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
+
     federation: Name
     tenant: Name = "default"
     description: str = ""
     seed: int = 42
     rounds: int = Field(30, ge=1, le=100_000)
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: rounds with a deadline and quorum; async: FedBuff (see async)"
+    )
+    async_: AsyncConfig = Field(AsyncConfig(), alias="async")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
@@ -706,8 +749,51 @@ class FederationConfig(_Strict):
                 f"selection.min_sites={self.selection.min_sites} is more than the "
                 f"{len(self.sites)} sites listed"
             )
-        self.strategy.check_round_size(self.selection.min_sites, len(self.sites))
+        if self.mode == "async":
+            self._check_async()
+        else:
+            self.strategy.check_round_size(self.selection.min_sites, len(self.sites))
         return self
+
+    @property
+    def async_concurrency(self) -> int:
+        """Sites that train at once in ``mode: async``."""
+        if self.async_.concurrency is not None:
+            return self.async_.concurrency
+        share = math.ceil(self.selection.fraction * len(self.sites) - 1e-9)
+        return min(len(self.sites), max(self.async_.buffer_size, share))
+
+    def _check_async(self) -> None:
+        """``mode: async`` folds one update at a time into a buffer: only what can be
+        applied to a single update, and a K the federation can fill."""
+        buffered, sites = self.async_, len(self.sites)
+        if buffered.buffer_size > sites:
+            raise ValueError(
+                f"async.buffer_size={buffered.buffer_size} is more than the {sites} sites "
+                "listed: a global version needs K updates from different sites, lower it"
+            )
+        if buffered.concurrency is not None and buffered.concurrency > sites:
+            raise ValueError(
+                f"async.concurrency={buffered.concurrency} is more than the {sites} sites listed"
+            )
+        if self.async_concurrency < buffered.buffer_size:
+            raise ValueError(
+                f"async.concurrency={self.async_concurrency} is less than async.buffer_size="
+                f"{buffered.buffer_size}: K updates could never be in flight, raise it"
+            )
+        strategy = self.strategy
+        refused = {
+            "strategy.name: scaffold": strategy.name == "scaffold",
+            f"strategy.aggregator: {strategy.aggregator}": strategy.aggregator != "mean",
+            "strategy.max_site_share < 1": strategy.max_site_share < 1,
+        }
+        for what, bad in refused.items():
+            if bad:
+                raise ValueError(
+                    f"mode: async does not support {what} (its updates are folded one at a "
+                    "time, without a round to compare them in); use mode: sync, or the "
+                    "defaults for that setting"
+                )
 
     @property
     def promotion_metric(self) -> str:
@@ -753,6 +839,30 @@ def parse_federation_config(text: str, source: str = "<config>") -> FederationCo
         return FederationConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(source, exc)) from exc
+
+
+def load_contract_suite(config_path: Path, config: FederationConfig) -> dict[str, Any]:
+    """The federation's data contract (a Great Expectations suite in its JSON form), named by
+    ``contract`` relative to the config; a :class:`ConfigError` saying what is wrong."""
+    path = config_path.parent / config.contract
+    where = f"{config_path}: contract: {path}"
+    try:
+        suite = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where} does not exist: write the suite there (see "
+            "deployments/examples/contracts/) or draft one from a sample of the "
+            "data with `fedround contract draft <sample.parquet>`"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(suite, dict) or not isinstance(suite.get("expectations"), list):
+        raise ConfigError(
+            f"{where} is not a suite: expected a JSON object with an 'expectations' list"
+        )
+    return suite
 
 
 def load_federation_config(path: Path) -> FederationConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -75,3 +76,28 @@ class ContractReport(BaseModel):
         for index, rules in missing.values():
             parts[index] += f"; rules that need it: {', '.join(rules)}"
         return f"site {self.site} fails data contract {self.suite!r}: {'; '.join(parts)}"
+
+
+def classify_reports(
+    outcomes: Mapping[str, ContractReport | BaseException], max_rows: int
+) -> tuple[dict[str, ContractReport], dict[str, str]]:
+    """The sites whose data passed their contract, and the others with the reason: failed
+    rules, a contract that could not run, or more rows claimed than ``max_rows`` (a site
+    reports its own row count, and its update's weight follows it: an absurd claim is not
+    trusted)."""
+    passed: dict[str, ContractReport] = {}
+    excluded: dict[str, str] = {}
+    for site, report in outcomes.items():
+        if not isinstance(report, ContractReport):
+            excluded[site] = f"site {site}: data contract could not run: {report}"
+        elif not report.success:
+            excluded[site] = report.summary()
+        elif not 0 < report.row_count <= max_rows:
+            excluded[site] = (
+                f"site {site}: its data contract reports {report.row_count} rows, outside "
+                f"1..limits.max_examples_per_site={max_rows}; a site's weight follows the rows "
+                "it reports, so the claim is not trusted (raise the limit if it is real)"
+            )
+        else:
+            passed[site] = report
+    return passed, excluded

@@ -18,7 +18,22 @@ from __future__ import annotations
 
 import re
 
+from .errors import ConfigError
+
 _ROUND = re.compile(r"/round-(\d+)/")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it can name a run's objects: one path segment of letters, digits,
+    ``.``, ``_`` and ``-`` (at most 100, no ``..``); else a :class:`ConfigError`."""
+    if not _RUN_ID.match(run_id) or ".." in run_id:
+        raise ConfigError(
+            f"run id {run_id[:120]!r} cannot name a run: use 1-100 letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit (no '/', no '..'), e.g. "
+            "nightly-2026-12-01"
+        )
+    return run_id
 
 
 def site_read_prefix(federation: str) -> str:

@@ -215,12 +215,11 @@ def write_array_federation(
 
 
 def run_user_federation(
-    root: Path, config: str = "federation.yaml", timeout: float = 600
+    root: Path, config: str = "federation.yaml", timeout: float = 600, run_id: str | None = None
 ) -> Completed:
     """``fedround run fed/<config> --json`` as a user runs it, with ``user_pkg`` on the import
     path of the CLI and of the site processes it spawns (see :func:`run_in_session`)."""
     env = cli_env(root / "state")
     env["PYTHONPATH"] = str(root / "user_pkg")
-    return run_in_session(
-        [FEDROUND, "run", str(root / "fed" / config), "--json"], env, timeout=timeout
-    )
+    argv = [FEDROUND, "run", str(root / "fed" / config), "--json"]
+    return run_in_session(argv + (["--run-id", run_id] if run_id else []), env, timeout=timeout)

@@ -37,6 +37,7 @@ import yaml
 from fedround.flows.services.stack import Endpoints
 from fedround.site_workers.data import read_arrays, save_site_data
 from fedround.site_workers.training import train_locally
+from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import load_federation_config
 from fedround.tasks.core.models import build_model
@@ -382,6 +383,33 @@ def test_killed_coordinator_resumes_to_identical_weights(
     assert (
         resumed.result["checkpoint"]["weights_sha256"] == baseline["checkpoint"]["weights_sha256"]
     )
+
+
+def test_async_rounds_run_through_the_same_site_sessions(
+    federation: Federation, tmp_path: Path
+) -> None:
+    # Arrange: FedBuff, K = 2 of the three sites per global version
+    config = variant(tmp_path, "async", **{"mode": "async", "rounds": 4, "async.buffer_size": 2})
+
+    # Act
+    done = federation.run(config, "--run-id", "async")
+
+    # Assert: four versions, each from two validated updates that came through the
+    # sessions (the run pointer assigned each site its version, one at a time)
+    assert done.returncode == 0, done.stderr[-4000:]
+    history = done.result["history"]
+    assert [h["round"] for h in history] == [1, 2, 3, 4]
+    assert all(h["sites_accepted"] >= 1 and h["examples"] > 0 for h in history)
+    final = load_checkpoint(federation.store, FEDERATION, "async", 4)
+    assert final.strategy_state["fedbuff"]["version"] == 4
+    trained = [
+        (round_, site)
+        for round_ in range(1, 6)
+        for site in SITES
+        if federation.store.exists(keys.update_manifest_key(FEDERATION, "async", round_, site))
+    ]
+    assert len(trained) >= 8  # K × versions accepted, at least
+    assert {site for _, site in trained} == set(SITES)
 
 
 def test_deployment_run_trains_through_the_coordinator_pool(

@@ -11,12 +11,19 @@ Scenario (NVFlare-style): trigger → fault → expected state.
   final checkpoint equals a FedAvg/FedProx computed here over the three good sites alone.
 - A model factory that cannot be imported ends ``fedround run`` with one clear error line
   naming it, and no traceback.
+- ``mode: async`` (FedBuff) over the same sites: the bad sites are left out of every global
+  version with the same reasons, the good sites make every version; SIGKILLed after its
+  second version, the run resumes from its checkpoint and finishes.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,7 @@ from fedround.tasks.core.strategies import fedavg
 from fedround.tasks.core.usercode import RoundContext, load_weights
 from fedround.tasks.object_store import LocalObjectStore
 
-from .helpers import run_user_federation, write_array_federation
+from .helpers import FEDROUND, cli_env, run_user_federation, write_array_federation
 
 pytestmark = pytest.mark.slow
 
@@ -94,10 +101,15 @@ CONTRACT = {
 }
 
 
-def federation_yaml(factory: str) -> str:
+ASYNC_VERSIONS = 6
+ASYNC = "mode: async\nasync: {buffer_size: 2, max_staleness: 3}\n"
+
+
+def federation_yaml(factory: str, extra: str = "") -> str:
     sites = ", ".join(f"{{name: {s}, config: ../sites/{s}/site.yaml}}" for s in SITES)
-    return textwrap.dedent(
-        f"""\
+    return (
+        textwrap.dedent(
+            f"""\
         federation: {FEDERATION}
         tenant: test
         seed: 3
@@ -111,6 +123,8 @@ def federation_yaml(factory: str) -> str:
         contract: contract.json
         sites: [{sites}]
         """
+        )
+        + extra
     )
 
 
@@ -127,6 +141,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
         configs={
             "federation.yaml": federation_yaml("logistic_regression"),
             "missing-factory.yaml": federation_yaml("fr_e2e_missing.models:build"),
+            "async.yaml": federation_yaml("logistic_regression", ASYNC).replace(
+                "rounds: 2", f"rounds: {ASYNC_VERSIONS}"
+            ),
         },
     )
 
@@ -227,3 +244,63 @@ def test_a_factory_that_cannot_be_imported_fails_the_run_with_one_clear_line(
     assert len(errors) == 1, done.stderr[-3000:]
     assert "model factory fr_e2e_missing.models:build: cannot import module" in errors[0]
     assert "pip install" in errors[0]
+
+
+@pytest.fixture(scope="module")
+def async_result(federation: Path) -> dict[str, Any]:
+    done = run_user_federation(federation, "async.yaml")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.result
+
+
+def test_async_rounds_leave_the_bad_sites_out_of_every_version(
+    async_result: dict[str, Any], federation: Path
+) -> None:
+    history = async_result["history"]
+    assert [h["round"] for h in history] == list(range(1, ASYNC_VERSIONS + 1))
+    assert all(h["sites_accepted"] >= 1 and h["examples"] > 0 for h in history)
+    assert all(0 <= h["staleness_max"] <= 3 for h in history)
+    reasons = async_result["sites"]["left_out_in_rounds"]
+    assert reasons, "the bad sites were never reported"
+    seen = {site for per_version in reasons.values() for site in per_version}
+    assert seen <= {"site-c", "site-d"}
+    for per_version in reasons.values():
+        if "site-c" in per_version:
+            assert f"train function {TRAIN} raised RuntimeError" in per_version["site-c"]
+        if "site-d" in per_version:
+            assert "non-finite" in per_version["site-d"] or "NaN" in per_version["site-d"]
+    store = LocalObjectStore(federation / "state" / "objects")
+    final = load_checkpoint(store, FEDERATION, async_result["run_id"], ASYNC_VERSIONS)
+    assert final.strategy_state["fedbuff"]["version"] == ASYNC_VERSIONS
+    assert not set(final.manifest.sites) & {"site-c", "site-d"}
+    assert async_result["model"]["alias"] == "candidate"
+
+
+def test_killed_async_run_resumes_from_its_last_version(
+    async_result: dict[str, Any], federation: Path
+) -> None:
+    run_id = "async-crash"
+    store = LocalObjectStore(federation / "state" / "objects")
+    second = keys.checkpoint_prefix(FEDERATION, run_id, 2) + "manifest.json"
+    env = cli_env(federation / "state")
+    env["PYTHONPATH"] = str(federation / "user_pkg")
+    argv = [FEDROUND, "run", str(federation / "fed" / "async.yaml"), "--run-id", run_id]
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not store.exists(second):
+        assert process.poll() is None, "the async run ended before its second version"
+        assert time.monotonic() < deadline, "version 2 was never committed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the coordinator, its site processes, Prefect
+    process.wait()
+    last = keys.checkpoint_prefix(FEDERATION, run_id, ASYNC_VERSIONS) + "manifest.json"
+    assert not store.exists(last)
+
+    resumed = run_user_federation(federation, "async.yaml", run_id=run_id)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.result["resumed_from_round"] >= 2
+    final = load_checkpoint(store, FEDERATION, run_id, ASYNC_VERSIONS)
+    assert final.strategy_state["fedbuff"]["version"] == ASYNC_VERSIONS
+    assert [h["round"] for h in resumed.result["history"]] == list(range(1, ASYNC_VERSIONS + 1))

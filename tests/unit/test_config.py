@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from fedround.tasks.core.config import load_federation_config, parse_federation_config
+from fedround.tasks.core.config import (
+    load_contract_suite,
+    load_federation_config,
+    parse_federation_config,
+)
 from fedround.tasks.core.errors import ConfigError
+from fedround.tasks.core.keys import check_run_id
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = "federation: fed\ncontract: c.json\nsites: [{name: a}, {name: b}]\n"
@@ -231,3 +236,92 @@ def test_site_entries_may_name_their_site_config() -> None:
         "federation: f\ncontract: c\nsites: [{name: a, config: sites/a/site.yaml}]\n"
     )
     assert config.sites[0].config == "sites/a/site.yaml"
+
+
+THREE_SITES = "federation: fed\ncontract: c.json\nsites: [{name: a}, {name: b}, {name: c}]\n"
+
+
+def test_async_mode_defaults_and_concurrency() -> None:
+    config = parse_federation_config(THREE_SITES + "mode: async\n")
+    assert config.mode == "async"
+    assert (config.async_.buffer_size, config.async_.max_staleness) == (2, 5)
+    assert config.async_concurrency == 3  # fraction 1.0 of 3 sites
+    half = parse_federation_config(THREE_SITES + "mode: async\nselection: {fraction: 0.3}\n")
+    assert half.async_concurrency == 2  # never fewer than K
+    assert parse_federation_config(THREE_SITES).mode == "sync"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("async: {buffer_size: 4}", "async.buffer_size=4 is more than the 3 sites"),
+        ("async: {max_staleness: 0}", "async.max_staleness: Input should be greater than or equal"),
+        ("async: {buffer_size: 0}", "async.buffer_size: Input should be greater than or equal"),
+        ("async: {concurrency: 5}", "async.concurrency=5 is more than the 3 sites"),
+        ("async: {buffer_size: 3, concurrency: 2}", "async.concurrency=2 is less than"),
+        ("strategy: {aggregator: krum}", "mode: async does not support strategy.aggregator: krum"),
+        ("strategy: {name: scaffold}", "mode: async does not support strategy.name: scaffold"),
+        ("async: {stalenes: 2}", "async.stalenes: Extra inputs are not permitted"),
+    ],
+)
+def test_async_settings_that_cannot_work_name_the_field(extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_federation_config(THREE_SITES + "mode: async\n" + extra + "\n")
+
+
+def test_unknown_mode_lists_the_choices() -> None:
+    with pytest.raises(ConfigError, match="mode: Input should be 'sync' or 'async'"):
+        parse_federation_config(THREE_SITES + "mode: buffered\n")
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ("selection: {deadline_s: .inf}", "selection.deadline_s"),
+        ("selection: {liveness_s: .nan}", "selection.liveness_s"),
+        ("training: {learning_rate: .inf}", "training.learning_rate"),
+        ("limits: {max_update_norm: .inf}", "limits.max_update_norm"),
+        ("promotion: {min_gain: -.inf}", "promotion.min_gain"),
+    ],
+)
+def test_infinite_or_nan_settings_are_refused_with_the_field(extra: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}: Input should be a finite number"):
+        parse_federation_config(MINIMAL + extra + "\n")
+
+
+@pytest.mark.parametrize("run_id", ["../other", "a/b", "", "-x", "x" * 101, "a..b", "名前"])
+def test_a_run_id_that_cannot_name_a_run_is_refused(run_id: str) -> None:
+    with pytest.raises(ConfigError, match="cannot name a run: use 1-100 letters"):
+        check_run_id(run_id)
+
+
+def test_good_run_ids_pass() -> None:
+    for run_id in ["20261201-040239-ef16", "nightly_2026.12.01", "A1"]:
+        assert check_run_id(run_id) == run_id
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist: write the suite there"),
+        ("{not json", "is not valid JSON"),
+        ('["a"]', "is not a suite: expected a JSON object with an 'expectations' list"),
+        ('{"name": "s"}', "is not a suite"),
+    ],
+)
+def test_a_missing_or_broken_contract_is_a_config_error(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    path = tmp_path / "federation.yaml"
+    path.write_text(MINIMAL)
+    if content is not None:
+        (tmp_path / "c.json").write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_contract_suite(path, load_federation_config(path))
+
+
+def test_a_good_contract_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "federation.yaml"
+    path.write_text(MINIMAL)
+    (tmp_path / "c.json").write_text('{"name": "s", "expectations": []}')
+    assert load_contract_suite(path, load_federation_config(path))["name"] == "s"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from fedround.tasks.core.contract_report import MISSING_COLUMN, ContractReport, RuleResult
+from fedround.tasks.core.contract_report import (
+    MISSING_COLUMN,
+    ContractReport,
+    RuleResult,
+    classify_reports,
+)
 
 
 def _missing(column: str, rule: str) -> RuleResult:
@@ -43,3 +48,25 @@ def test_a_missing_column_is_named_once_with_every_rule_that_needs_it() -> None:
 def test_a_passing_report_says_how_many_rows() -> None:
     report = ContractReport(site="s", suite="t", success=True, row_count=5, results=[])
     assert report.summary() == "site s: 5 rows pass suite 't'"
+
+
+def _passed(site: str, rows: int) -> ContractReport:
+    return ContractReport(site=site, suite="s", success=True, row_count=rows, results=[])
+
+
+def test_a_site_claiming_more_rows_than_the_limit_is_left_out_not_trusted() -> None:
+    outcomes: dict[str, ContractReport | BaseException] = {
+        "honest": _passed("honest", 500),
+        "boastful": _passed("boastful", 10**12),
+        "empty": _passed("empty", 0),
+        "broken": TimeoutError("no answer"),
+        "at-limit": _passed("at-limit", 1000),
+    }
+    passed, excluded = classify_reports(outcomes, max_rows=1000)
+    assert sorted(passed) == ["at-limit", "honest"]
+    assert (
+        "reports 1000000000000 rows, outside 1..limits.max_examples_per_site=1000"
+        in (excluded["boastful"])
+    )
+    assert "reports 0 rows" in excluded["empty"]
+    assert excluded["broken"] == "site broken: data contract could not run: no answer"

@@ -118,3 +118,38 @@ def test_a_corrupt_checkpoint_state_is_refused() -> None:
         server.load_state_dict({"version": 3, "buffered": 1}, _t(0.0))
     with pytest.raises(ValueError, match="unknown keys"):
         server.load_state_dict({"version": 3, "velocity": {}}, _t(0.0))
+
+
+def test_median_clipping_bounds_a_boosted_delta_by_the_recent_norms() -> None:
+    from fedround.tasks.core.strategies.clipping import NormClipping
+
+    server = BufferedAsync(
+        _t(0.0, 0.0),
+        buffer_size=4,
+        max_staleness=2,
+        clipping=NormClipping("median", multiplier=2.0),
+        norm_window=3,
+    )
+    assert server.submit(_t(3.0, 4.0), 0).clip_factor == 1.0  # norm 5
+    assert server.submit(_t(0.0, 5.0), 0).clip_factor == 1.0  # norm 5
+    boosted = server.submit(_t(300.0, 400.0), 0)  # norm 500; median of (5, 5, 500) = 5
+    assert boosted.accepted and boosted.clip_factor == pytest.approx(10 / 500)
+    applied = server.submit(_t(0.0, 0.0), 0)
+    assert applied.applied
+    # x1 = ([3, 4] + [0, 5] + [6, 8] + [0, 0]) / 4: the boosted delta cut to norm 10
+    assert server.weights["w"].tolist() == pytest.approx([2.25, 4.25])
+    # the window keeps the last 3 norms (5, 500, 0) and survives a restart
+    state = server.state_dict()
+    assert state["norms"] == pytest.approx([5.0, 500.0, 0.0])
+    again = BufferedAsync(
+        _t(0.0, 0.0),
+        buffer_size=4,
+        max_staleness=2,
+        clipping=NormClipping("median", multiplier=2.0),
+        norm_window=3,
+    )
+    again.load_state_dict(state, server.weights)
+    # window (500, 0, 2000): median 500, bound 1000, the same in both
+    for restored in (server, again):
+        assert restored.submit(_t(0.0, 2000.0), 1).clip_factor == pytest.approx(0.5)
+    assert again.state_dict()["norms"] == server.state_dict()["norms"]

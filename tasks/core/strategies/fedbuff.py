@@ -11,14 +11,19 @@ round's slowest site. Each arriving delta Δₖ is weighted by its staleness
     after every K accepted deltas:        x ← ServerOpt(x, buffer / K);  version += 1
 
 A delta staler than ``max_staleness`` is rejected with the reason, and so is one that
-claims a version the server has not made yet or does not fit the model. The buffer is one
-float64 sum of the model: O(model) memory whatever K is. Its state (version, the partial
-buffer, the server optimizer's state) is checkpointed like every other strategy's, so a
-restarted coordinator goes on with the same partial buffer, bit for bit.
+claims a version the server has not made yet or does not fit the model. With a
+:class:`~.clipping.NormClipping` rule, each accepted delta is first clipped like a
+synchronous round's: ``median`` mode bounds it by multiplier × the median norm of the
+last ``norm_window`` accepted deltas (itself included), since there is no round to take
+the median of. The buffer is one float64 sum of the model: O(model) memory whatever K is.
+Its state (version, the partial buffer, the recent norms, the server optimizer's state)
+is checkpointed like every other strategy's, so a restarted coordinator goes on with the
+same partial buffer, bit for bit.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +32,7 @@ import torch
 
 from ..serialization import Weights
 from .base import ServerOptimizer, Tensors
+from .clipping import NormClipping, scaled, update_norm
 from .fedavg import FedAvg
 
 
@@ -47,6 +53,7 @@ class Submission:
     applied: bool  # this delta filled the buffer: a new global version was made
     version: int  # the global version after this submission
     reason: str | None = None  # why it was rejected
+    clip_factor: float = 1.0  # < 1: the delta was clipped by this factor
 
 
 class BufferedAsync:
@@ -63,6 +70,8 @@ class BufferedAsync:
         max_staleness: int,
         staleness_exponent: float = 0.5,
         optimizer: ServerOptimizer | None = None,
+        clipping: NormClipping | None = None,
+        norm_window: int = 20,
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size (K) must be ≥ 1, got {buffer_size}")
@@ -74,6 +83,10 @@ class BufferedAsync:
         self.max_staleness = max_staleness
         self.staleness_exponent = staleness_exponent
         self.optimizer = optimizer or FedAvg()
+        self.clipping = clipping or NormClipping("off")
+        if norm_window < 1:
+            raise ValueError(f"norm_window must be ≥ 1, got {norm_window}")
+        self._norms: deque[float] = deque(maxlen=norm_window)
         self._weights: Weights = {name: t.detach().clone() for name, t in weights.items()}
         self.version = 0
         self._buffer: dict[str, torch.Tensor] = {}
@@ -107,13 +120,20 @@ class BufferedAsync:
         misfit = self._misfit(delta)
         if misfit:
             return self._reject(staleness, misfit)
+        factor = 1.0
+        if self.clipping.needs_norms:
+            norm = update_norm(delta)
+            self._norms.append(norm)
+            bound, _ = self.clipping.bound_for(list(self._norms))
+            factor = self.clipping.scale(norm, bound)
+            delta = scaled(delta, factor)
         weight = staleness_weight(staleness, self.staleness_exponent)
         for name, value in delta.items():
-            scaled = value.detach().to(torch.float64) * weight
+            weighted = value.detach().to(torch.float64) * weight
             if name in self._buffer:
-                self._buffer[name].add_(scaled)
+                self._buffer[name].add_(weighted)
             else:
-                self._buffer[name] = scaled
+                self._buffer[name] = weighted
         self._count += 1
         applied = self._count == self.buffer_size
         if applied:
@@ -121,7 +141,7 @@ class BufferedAsync:
             self._weights = self.optimizer.step(self._weights, mean)
             self.version += 1
             self._buffer, self._count = {}, 0
-        return Submission(True, staleness, weight, applied, self.version)
+        return Submission(True, staleness, weight, applied, self.version, clip_factor=factor)
 
     def _reject(self, staleness: int, reason: str) -> Submission:
         return Submission(False, staleness, 0.0, False, self.version, reason)
@@ -144,6 +164,8 @@ class BufferedAsync:
     def state_dict(self) -> dict[str, Any]:
         """Version, the partial buffer and the optimizer's state (weights are separate)."""
         state: dict[str, Any] = {"version": self.version, "buffered": self._count}
+        if self._norms:
+            state["norms"] = list(self._norms)
         if self._count:
             state["buffer"] = {name: t.clone() for name, t in self._buffer.items()}
         optimizer = self.optimizer.state_dict()
@@ -153,7 +175,7 @@ class BufferedAsync:
 
     def load_state_dict(self, state: Mapping[str, Any], weights: Tensors) -> None:
         """Restore :meth:`state_dict` together with the global weights of that version."""
-        unknown = sorted(set(state) - {"version", "buffered", "buffer", "optimizer"})
+        unknown = sorted(set(state) - {"version", "buffered", "buffer", "norms", "optimizer"})
         if unknown:
             raise ValueError(f"fedbuff state has unknown keys {unknown}")
         count = int(state.get("buffered", 0))
@@ -164,6 +186,8 @@ class BufferedAsync:
                 f"{'a' if buffer else 'no'} buffer (K = {self.buffer_size})"
             )
         self.version = int(state["version"])
+        self._norms.clear()
+        self._norms.extend(float(n) for n in state.get("norms", []))
         self._count = count
         self._buffer = {name: t.to(torch.float64).clone() for name, t in buffer.items()}
         self._weights = {name: t.detach().clone() for name, t in weights.items()}
