@@ -2,9 +2,16 @@
 
 - :func:`prune_checkpoints` deletes committed checkpoints older than a given age (default
   90 days, by the manifest's ``created_at``), except those behind a registered model
-  version: a checkpoint whose weights digest is some version's ``fedround.weights_sha256``
-  stays as long as that version exists. Data files go first and the manifest last, so an
-  interrupted prune leaves a checkpoint that the next prune finishes removing.
+  version (a checkpoint whose weights digest is some version's ``fedround.weights_sha256``
+  stays as long as that version exists) and the latest readable checkpoint of every run,
+  whatever its age (a run in progress resumes from it, and ``--older-than 0s`` must not
+  take it). Data files go first and the manifest last, so an interrupted prune leaves a
+  checkpoint that the next prune finishes removing.
+
+  Without the registry nothing is protected, so pruning refuses, deleting nothing, when
+  the registry cannot be read (:func:`protected_digests`) or lists no version with a
+  weights digest while there are checkpoints to prune (a reset registry, or a wrong
+  ``MLFLOW_TRACKING_URI``), unless the operator passes ``--no-registry-check``.
 - :func:`copy_run_checkpoints` copies every committed checkpoint of a run to another store
   (a backup bucket, or back for a restore), checking each file's SHA-256 against its
   manifest before writing and again after reading the copy back.
@@ -20,6 +27,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 from fedround.tasks.checkpoints import (
     MANIFEST,
@@ -29,7 +37,12 @@ from fedround.tasks.checkpoints import (
     strategy_tensors_sha256,
 )
 from fedround.tasks.core import keys
-from fedround.tasks.core.errors import CheckpointError, ConfigError, ObjectNotFound
+from fedround.tasks.core.errors import (
+    CheckpointError,
+    ConfigError,
+    FedroundError,
+    ObjectNotFound,
+)
 from fedround.tasks.core.manifest import CheckpointManifest
 from fedround.tasks.core.serialization import sha256_hex
 from fedround.tasks.object_store import ObjectStore, S3ObjectStore
@@ -39,7 +52,12 @@ log = logging.getLogger(__name__)
 DEFAULT_RETENTION = timedelta(days=90)
 _AGE = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+NO_REGISTRY_CHECK = "--no-registry-check"  # the CLI's override (registry_check=False here)
 _CHECKPOINT = re.compile(r"^(?P<federation>[^/]+)/checkpoints/(?P<run>[^/]+)/round-(?P<round>\d+)/")
+
+
+class PruneRefused(FedroundError):
+    """Pruning would run without the model registry's protection; nothing was deleted."""
 
 
 def parse_age(text: str) -> timedelta:
@@ -93,10 +111,51 @@ def registered_digests(tracking_uri: str) -> dict[str, list[str]]:
             return digests
 
 
+def _without_credentials(text: str, uri: str) -> str:
+    """``text`` for a message, with the credentials in ``uri`` (``https://user:pw@host``)
+    left out wherever they appear (MLflow's errors repeat the URI)."""
+    netloc = urlsplit(uri).netloc
+    if "@" not in netloc:
+        return text
+    return text.replace(netloc.rsplit("@", 1)[0] + "@", "***@")
+
+
+def protected_digests(tracking_uri: str, registry_check: bool = True) -> dict[str, list[str]]:
+    """:func:`registered_digests` for :func:`prune_checkpoints`: raises
+    :class:`PruneRefused` if the registry cannot be read, or, with ``registry_check``
+    off, warns and protects nothing."""
+    try:
+        return registered_digests(tracking_uri)
+    except Exception as exc:  # anything: refused connection, auth, a broken database, ...
+        where = _without_credentials(tracking_uri, tracking_uri)
+        reason = _without_credentials(
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+            tracking_uri,
+        )
+        if registry_check:
+            raise PruneRefused(
+                f"the model registry at {where} could not be read ({reason}); without it "
+                "no checkpoint behind a registered model version is protected, so nothing "
+                "was deleted. Check MLFLOW_TRACKING_URI and that the tracking server is up, "
+                f"or pass {NO_REGISTRY_CHECK} to prune anyway (registered versions' "
+                "checkpoints are then deleted like any other; each run's latest is kept)"
+            ) from exc
+        log.warning(
+            "the model registry at %s could not be read (%s); %s: pruning without "
+            "protecting registered versions' checkpoints",
+            where,
+            reason,
+            NO_REGISTRY_CHECK,
+        )
+        return {}
+
+
 @dataclass
 class PruneReport:
     deleted: list[CheckpointRef] = field(default_factory=list)
     kept_registered: dict[str, list[str]] = field(default_factory=dict)  # prefix → versions
+    kept_latest: list[CheckpointRef] = field(default_factory=list)  # each run's newest
+    kept_unreadable: list[CheckpointRef] = field(default_factory=list)  # manifest unreadable
     kept_recent: int = 0
     bytes_freed: int = 0
     versions_purged: int = 0
@@ -121,18 +180,46 @@ def prune_checkpoints(
     now: datetime | None = None,
     dry_run: bool = False,
     purge_versions: bool = False,
+    registry_check: bool = True,
 ) -> PruneReport:
-    """Delete checkpoints older than ``older_than`` unless a registered version needs them."""
+    """Delete checkpoints older than ``older_than`` unless a registered version needs them
+    or they are their run's latest.
+
+    ``keep_digests`` is what the registry protects (:func:`protected_digests`). Empty
+    while there are checkpoints, it raises :class:`PruneRefused` before anything is
+    deleted (also in a dry run, which shows what a real prune would do), unless
+    ``registry_check`` is off.
+    """
     now = now or datetime.now(UTC)
+    refs = find_checkpoints(store, federation)
+    if registry_check and refs and not keep_digests:
+        scope = f"federation {federation}" if federation else "all federations"
+        raise PruneRefused(
+            f"the model registry lists no model version with a weights digest "
+            f"(fedround.weights_sha256), yet {len(refs)} checkpoints exist in {scope}: "
+            "pruning would protect none of them, so nothing was deleted. If the registry "
+            "was reset or MLFLOW_TRACKING_URI points at the wrong server, fix that first; "
+            f"if no model was ever registered, pass {NO_REGISTRY_CHECK}"
+        )
+    manifests: dict[CheckpointRef, CheckpointManifest] = {}
     report = PruneReport(dry_run=dry_run)
-    for ref in find_checkpoints(store, federation):
+    for ref in refs:
         try:
-            manifest = CheckpointManifest.from_json(store.get(ref.prefix + MANIFEST))
+            manifests[ref] = CheckpointManifest.from_json(store.get(ref.prefix + MANIFEST))
         except (ObjectNotFound, ValueError) as exc:
             log.warning("skipping %s: unreadable manifest (%s)", store.uri(ref.prefix), exc)
-            continue
+            report.kept_unreadable.append(ref)
+    # Each run's newest checkpoint that reads: the one it resumes from (a newer one with an
+    # unreadable manifest is kept above, but cannot be resumed from).
+    latest: dict[tuple[str, str], CheckpointRef] = {}
+    for ref in manifests:  # in round order
+        latest[(ref.federation, ref.run_id)] = ref
+    for ref, manifest in manifests.items():
         if manifest.weights_sha256 in keep_digests:
             report.kept_registered[ref.prefix] = keep_digests[manifest.weights_sha256]
+            continue
+        if latest[(ref.federation, ref.run_id)] == ref:
+            report.kept_latest.append(ref)
             continue
         if now - manifest.created_at < older_than:
             report.kept_recent += 1

@@ -187,21 +187,40 @@ def audit(
     ] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
-    """Print a federation's audit log as JSON lines (who, when, what, why)."""
+    """Print a federation's audit log as JSON lines (who, when, what, why).
+
+    Exits 1 if an entry is malformed (it is named on stderr, the others are printed), or,
+    with ``--verify``, if the log fails its check: a malformed entry, a gap, a broken hash
+    chain, or an end that does not match the log's head (entries deleted from the end)."""
     settings = _settings(state_dir)
     with _errors():
-        from fedround.tasks.audit import AuditLog
+        from fedround.tasks.audit import AuditLog, render_jsonl
         from fedround.tasks.object_store import open_store
 
         log = AuditLog(open_store(settings.object_store), federation)
-        typer.echo(log.to_jsonl(model), nl=False)
+        entries, unreadable = log.read(model)
+        typer.echo(render_jsonl(entries), nl=False)
         if verify:
-            problems = log.verify()
-            for problem in problems:
+            check = log.check()
+            for note in check.notes:
+                typer.secho(f"audit log note: {note}", fg=typer.colors.YELLOW, err=True)
+            for problem in check.problems:
                 typer.secho(f"audit log problem: {problem}", fg=typer.colors.RED, err=True)
-            if problems:
+            if check.problems:
                 raise typer.Exit(1)
             typer.secho("audit log intact", err=True)
+        elif unreadable:
+            # An incomplete listing must not pass for the whole log (e.g. a compliance export).
+            for problem in unreadable:
+                typer.secho(
+                    f"audit log problem: {problem} (not listed)", fg=typer.colors.RED, err=True
+                )
+            typer.secho(
+                f"{len(unreadable)} malformed entries left out; `fedround audit {federation} "
+                "--verify` checks the whole log",
+                err=True,
+            )
+            raise typer.Exit(1)
 
 
 # --- checkpoints ------------------------------------------------------------------------
@@ -236,45 +255,74 @@ def prune(
             "--purge-versions", help="Also delete old versions kept by bucket versioning."
         ),
     ] = False,
+    no_registry_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-registry-check",
+            help="Prune even if the model registry cannot be read or lists no versions: "
+            "checkpoints behind registered versions are then NOT protected (each run's "
+            "latest still is). Without it, prune refuses and deletes nothing.",
+        ),
+    ] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     as_json: AsJson = False,
 ) -> None:
-    """Delete old checkpoints, keeping every one behind a registered model version."""
+    """Delete old checkpoints, keeping every one behind a registered model version and
+    the latest of every run (whatever its age). Refuses, deleting nothing, if the model
+    registry cannot be read or lists no versions (see --no-registry-check)."""
     settings = _settings(state_dir)
     with _errors():
         from fedround.tasks.object_store import open_store
         from fedround.tasks.retention import (
             describe,
             parse_age,
+            protected_digests,
             prune_checkpoints,
-            registered_digests,
         )
 
+        age = parse_age(older_than)
+        digests = protected_digests(settings.tracking_uri, registry_check=not no_registry_check)
+        if no_registry_check and not digests:
+            typer.secho(
+                "warning: --no-registry-check: the model registry protects no checkpoint; "
+                "only each run's latest and those newer than "
+                f"{older_than} are kept",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
         report = prune_checkpoints(
             open_store(settings.object_store),
-            registered_digests(settings.tracking_uri),
-            parse_age(older_than),
+            digests,
+            age,
             federation,
             dry_run=dry_run,
             purge_versions=purge_versions,
+            registry_check=not no_registry_check,
         )
     verb = "would delete" if dry_run else "deleted"
     typer.echo(
         f"fedround: {verb} {len(report.deleted)} checkpoints ({report.bytes_freed} bytes); kept "
-        f"{len(report.kept_registered)} behind registered versions, {report.kept_recent} newer "
-        f"than {older_than}"
+        f"{len(report.kept_registered)} behind registered versions, {len(report.kept_latest)} "
+        f"latest of their run, {report.kept_recent} newer than {older_than}"
+        + (f", {len(report.kept_unreadable)} unreadable" if report.kept_unreadable else "")
         + (f"; purged {report.versions_purged} old versions" if purge_versions else "")
     )
     for name in describe(report.deleted):
         typer.echo(f"  {verb}  {name}")
     for prefix, versions in sorted(report.kept_registered.items()):
         typer.echo(f"  kept     {prefix} (registered: {', '.join(versions)})")
+    for name in describe(report.kept_latest):
+        typer.echo(f"  kept     {name} (latest checkpoint of its run)")
+    for name in describe(report.kept_unreadable):
+        typer.echo(f"  kept     {name} (unreadable manifest: check it)")
     if as_json:
         typer.echo(
             json.dumps(
                 {
                     "deleted": describe(report.deleted),
                     "kept_registered": report.kept_registered,
+                    "kept_latest": describe(report.kept_latest),
+                    "kept_unreadable": describe(report.kept_unreadable),
                     "kept_recent": report.kept_recent,
                     "bytes_freed": report.bytes_freed,
                     "dry_run": dry_run,

@@ -115,6 +115,13 @@ def test_audit_log_appends_concurrently_and_chains_on_s3(s3_service: Endpoints) 
         entries = list(pool.map(lambda i: audit.append("reject", "m", version=str(i)), range(12)))
     assert sorted(e.sequence for e in entries) == list(range(1, 13))
     assert audit.verify() == []
+    # the head (moved by compare-and-swap on S3) records the last entry
+    assert audit.check().notes == []
+    audit.store.delete(keys.audit_entry_key(audit.federation, 12))
+    assert audit.verify() == [
+        "the head records entry 12 but the log ends at entry 11: entries were deleted from "
+        "its end, or the log was rewritten"
+    ]
 
 
 def test_checkpoint_tampering_is_detected_and_versions_keep_the_original(
@@ -177,8 +184,9 @@ def test_retention_keeps_checkpoints_of_registered_versions(
         keys.checkpoint_prefix(federation, "kept", 3) + MANIFEST,
         manifest.model_copy(update={"created_at": datetime.now(UTC) - old}).to_json(),
     )
-    checkpoint(store, federation, "unregistered", 1, 9.0, age=old)
-    checkpoint(store, federation, "recent", 1, 7.0)
+    for round_ in (1, 2):
+        checkpoint(store, federation, "unregistered", round_, 9.0 + round_, age=old)
+        checkpoint(store, federation, "recent", round_, 7.0 + round_)
 
     digests = registered_digests(mlflow_service.mlflow_tracking_uri)
     assert digests[manifest.weights_sha256] == [f"{model_name}/{version}"]
@@ -189,13 +197,15 @@ def test_retention_keeps_checkpoints_of_registered_versions(
 
     report = prune_checkpoints(store, digests, timedelta(days=90), federation)
     left = {(r.run_id, r.round) for r in find_checkpoints(store, federation)}
-    assert left == {("kept", 3), ("recent", 1)}
+    assert left == {("kept", 3), ("unregistered", 2), ("recent", 1), ("recent", 2)}
     assert sorted((r.run_id, r.round) for r in report.deleted) == [
         ("kept", 1),
         ("kept", 2),
         ("unregistered", 1),
     ]
     assert list(report.kept_registered.values()) == [[f"{model_name}/{version}"]]
+    # each run's latest checkpoint stays whatever its age ("kept" 3 is also registered)
+    assert [(r.run_id, r.round) for r in report.kept_latest] == [("recent", 2), ("unregistered", 2)]
     assert report.kept_recent == 1
     load_checkpoint(store, federation, "kept", 3)  # the registered weights still verify
 

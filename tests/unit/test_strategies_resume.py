@@ -152,8 +152,13 @@ def test_backup_copies_and_prune_deletes_the_tensor_file(tmp_path: Path) -> None
     assert report.files == 4
     assert backup.get(prefix + STRATEGY_TENSORS) == source.get(prefix + STRATEGY_TENSORS)
     load_checkpoint(backup, "fed", "run", 1)  # verifies every digest
+    _save(source, 2, INITIAL, StrategyConfig(), {})  # round 1 is no longer the run's latest
     pruned = prune_checkpoints(
-        source, {}, older_than=timedelta(0), now=datetime.now(UTC) + timedelta(days=1)
+        source,
+        {},
+        older_than=timedelta(0),
+        now=datetime.now(UTC) + timedelta(days=1),
+        registry_check=False,  # no registry here: nothing registered to protect
     )
     assert len(pruned.deleted) == 1
     assert not source.exists(prefix + STRATEGY_TENSORS)
