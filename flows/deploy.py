@@ -18,12 +18,11 @@ from typing import Any
 import yaml
 
 from fedround.flows.distributed import EVALUATION_DEPLOYMENT, SESSION_DEPLOYMENT
+from fedround.site_workers.session import EVALUATION_ENTRYPOINT, SESSION_ENTRYPOINT
 from fedround.tasks.core.config import FederationConfig
 from fedround.tasks.core.errors import FedroundError
 
 TRAINING_ENTRYPOINT = "fedround.flows.training:train_federation"
-SESSION_ENTRYPOINT = "fedround.site_workers.session:site_session"
-EVALUATION_ENTRYPOINT = "fedround.site_workers.session:site_evaluation"
 # Model lifecycle, run on demand (Prefect UI or `prefect deployment run`) in the coordinator pool.
 LIFECYCLE_DEPLOYMENTS = (
     (

@@ -53,6 +53,9 @@ from .site_round import (
 log = logging.getLogger(__name__)
 
 SITE_CONFIG_ENV = "FEDROUND_SITE_CONFIG"
+# The two flows a site serves, as deployments name them (and the site's worker runs).
+SESSION_ENTRYPOINT = "fedround.site_workers.session:site_session"
+EVALUATION_ENTRYPOINT = "fedround.site_workers.session:site_evaluation"
 
 
 def site_settings_from_env() -> SiteSettings:

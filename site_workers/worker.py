@@ -1,9 +1,9 @@
 """Start the Prefect worker that serves one site's work pool (``fedround site start``).
 
 The worker polls the site's own pool, so the coordinator never reaches into the site:
-work is pulled. Every flow run it starts inherits this process's environment, which is
-how the site's settings file (data path, object-store credentials) reaches the site
-session without ever leaving the site.
+work is pulled. It runs the site's flows in its own warm interpreter
+(:mod:`.warm_worker`), whose environment carries the site's settings file (data path,
+object-store credentials) to the site session without it ever leaving the site.
 """
 
 from __future__ import annotations
@@ -32,22 +32,19 @@ WORKER_ENV = {
 
 
 def worker_command(settings: SiteSettings, config_file: Path) -> tuple[list[str], dict[str, str]]:
-    """The ``prefect worker start`` command line and environment for this site."""
+    """The worker's command line (:mod:`.warm_worker` in this Python) and environment."""
     api_url = settings.prefect_api_url or os.environ.get("PREFECT_API_URL")
     if not api_url:
         raise ConfigError(
             f"{config_file}: set prefect_api_url (or PREFECT_API_URL) to the coordinator's "
             "Prefect server, e.g. http://127.0.0.1:4200/api"
         )
-    prefect = Path(sys.executable).with_name("prefect")
     argv = [
-        str(prefect) if prefect.exists() else "prefect",
-        "worker",
-        "start",
+        sys.executable,
+        "-m",
+        "fedround.site_workers.warm_worker",
         "--pool",
         settings.pool,
-        "--type",
-        "process",
         "--name",
         f"{settings.site}@{socket.gethostname()}",
     ]

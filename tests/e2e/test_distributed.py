@@ -14,7 +14,9 @@ up by ``fedround coordinator start``). Scenarios (trigger → fault → expected
 - the coordinator SIGKILLed mid-run and re-run: resumes to identical final weights;
 - quorum lost: the run fails in bounded time, naming the missing site;
 - a deployment run triggered on the Prefect server trains through the coordinator pool;
-- a site whose pool has no worker is skipped at once, not after the deadline.
+- a site whose pool has no worker is skipped at once, not after the deadline;
+- a deployment of other code put in a site's pool is refused by the site's worker;
+- ``mode: async`` runs through the same site sessions.
 """
 
 from __future__ import annotations
@@ -451,6 +453,27 @@ def test_deployment_run_trains_through_the_coordinator_pool(
         keys.checkpoint_prefix(FEDERATION, "from-deployment", 3) + "manifest.json"
     )
     assert json.loads(final)["weights_sha256"] == baseline["checkpoint"]["weights_sha256"]
+
+
+def test_a_site_worker_refuses_code_that_is_not_a_site_flow(federation: Federation) -> None:
+    """Someone who can reach the Prefect API puts a deployment of other code in site-a's
+    pool: site-a's worker marks its run crashed, saying what it runs, and runs nothing."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    with federation.prefect(), get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("foreign-code")
+        client.create_deployment(
+            flow_id=flow_id,
+            name="in-site-a",
+            work_pool_name=f"{FEDERATION}-site-a",
+            entrypoint="fedround.flows.training:train_federation",
+            parameters={"config_path": "/etc/passwd"},
+        )
+        run: Any = run_deployment("foreign-code/in-site-a", timeout=90)
+        assert run.state is not None and run.state.type.value == "CRASHED", run.state
+        assert "runs only" in (run.state.message or "")
+        assert "fedround.site_workers.session:site_session" in (run.state.message or "")
 
 
 def test_site_without_a_worker_is_skipped_at_once(federation: Federation) -> None:
