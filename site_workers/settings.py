@@ -1,7 +1,13 @@
-"""A site's own settings file. It stays at the site: data path and credentials live here."""
+"""A site's own settings file. It stays at the site: data path and credentials live here.
+
+Loading it refuses placeholder or missing S3 keys (in the file or, as its fallback, in
+``FEDROUND_S3_ACCESS_KEY`` / ``FEDROUND_S3_SECRET_KEY``) unless the file says
+``insecure_dev: true`` or ``FEDROUND_INSECURE_DEV=1`` is set.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -10,6 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedround.tasks.core.config import Name, format_validation_error
 from fedround.tasks.core.errors import ConfigError
 from fedround.tasks.object_store import ObjectStoreSettings
+from fedround.tasks.runtime import (
+    INSECURE_DEV_ENV,
+    S3_ACCESS_KEY_ENV,
+    S3_SECRET_KEY_ENV,
+    Credential,
+    insecure_dev_from_env,
+    optional_client_credentials,
+    refuse_placeholder_credentials,
+    url_password,
+)
 
 
 class SiteSettings(BaseModel):
@@ -34,6 +50,11 @@ class SiteSettings(BaseModel):
     threads: int = Field(1, ge=1, description="torch threads for local training")
     work_pool: str | None = Field(None, description="defaults to '<federation>-<site>'")
     prefect_api_url: str | None = Field(None, description="defaults to $PREFECT_API_URL")
+    insecure_dev: bool = Field(
+        False,
+        description="accept placeholder or missing credentials (REPLACE_ME, changeme, "
+        "minioadmin, ...) with a warning at every start: throw-away local setups only",
+    )
 
     @property
     def pool(self) -> str:
@@ -72,7 +93,42 @@ def load_site_settings(path: Path) -> SiteSettings:
     update: dict[str, object] = {"data_dir": data_dir.resolve(), "object_store": store}
     if settings.state_dir is not None and not settings.state_dir.is_absolute():
         update["state_dir"] = (base / settings.state_dir).resolve()
+    refuse_placeholder_site_credentials(settings, path)
     return settings.model_copy(update=update)
+
+
+def site_credentials(settings: SiteSettings, path: Path) -> list[Credential]:
+    """The credentials a site with these settings uses, each named by where it comes from:
+    the S3 keys of the file or, as the object store does, ``FEDROUND_S3_*`` in their place."""
+    credentials: list[Credential] = []
+    store = settings.object_store
+    if store.kind == "s3":
+        secret = store.secret_key.get_secret_value() if store.secret_key else None
+        for field, value, env in (
+            ("access_key", store.access_key, S3_ACCESS_KEY_ENV),
+            ("secret_key", secret, S3_SECRET_KEY_ENV),
+        ):
+            if value:
+                credentials.append(Credential(f"object_store.{field} in {path}", value))
+            elif env in os.environ:
+                credentials.append(Credential(env, os.environ[env]))
+            else:
+                credentials.append(Credential(f"object_store.{field} (or {env})", None))
+    credentials.append(
+        Credential("the password in prefect_api_url", url_password(settings.prefect_api_url), False)
+    )
+    return credentials + optional_client_credentials()
+
+
+def refuse_placeholder_site_credentials(settings: SiteSettings, path: Path) -> None:
+    """Raise :class:`ConfigError` if the site would use placeholder or missing credentials,
+    unless ``insecure_dev: true`` in its file or ``FEDROUND_INSECURE_DEV=1`` (a warning then)."""
+    refuse_placeholder_credentials(
+        site_credentials(settings, path),
+        who=f"site {settings.site} ({path})",
+        insecure_dev=settings.insecure_dev or insecure_dev_from_env(),
+        override=f"insecure_dev: true in {path} or {INSECURE_DEV_ENV}=1",
+    )
 
 
 def write_site_settings(path: Path, settings: SiteSettings) -> None:
@@ -80,6 +136,8 @@ def write_site_settings(path: Path, settings: SiteSettings) -> None:
     data = settings.model_dump(mode="json", exclude_none=True)
     if settings.test_file is None:
         data["test_file"] = None  # explicit: left out, it would read back as test.npz
+    if not settings.insecure_dev:
+        del data["insecure_dev"]  # only ever written when someone asked for it
     secret = settings.object_store.secret_key
     if secret is not None:
         data["object_store"]["secret_key"] = secret.get_secret_value()

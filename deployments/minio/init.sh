@@ -15,6 +15,23 @@ SITES="${SITES:-}"
 MINIO_URL="${MINIO_URL:-http://minio:9000}"
 
 secret() { cat "$SECRETS/$1"; }
+# Refuse empty and placeholder secrets (REPLACE_ME of deployments/k8s/secrets.yaml, MinIO's
+# minioadmin, changeme, ...); their values are never printed. FEDROUND_INSECURE_DEV=1 goes
+# on with a warning: throw-away setups only. Real ones: deployments/make-secrets.sh.
+vet() {  # secret-file
+  case "$(secret "$1" | tr '[:upper:]' '[:lower:]' | tr -d '[:space:]')" in
+    "" | replace_me | replaceme | replace-me | changeme | change_me | change-me | changeit | \
+      password | secret | minioadmin | *replace_me* | *changeme* | '<'*'>' | '${'* | '$('*)
+      case "${FEDROUND_INSECURE_DEV:-}" in
+        1 | true | yes | on) echo "minio-init: WARNING: secret $1 is empty or a placeholder;" \
+          "going on because FEDROUND_INSECURE_DEV is set (throw-away setups only)" >&2 ;;
+        *) echo "minio-init: secret $1 is empty or a placeholder (REPLACE_ME, changeme," \
+          "minioadmin, ...): provision real secrets (deployments/make-secrets.sh for compose," \
+          "your secret manager for Kubernetes; see deployments/README.md)" >&2
+          exit 1 ;;
+      esac ;;
+  esac
+}
 render() {  # policy-file site output
   sed -e "s|@BUCKET@|$BUCKET|g" -e "s|@MLFLOW_BUCKET@|$MLFLOW_BUCKET|g" \
       -e "s|@FEDERATION@|$FEDERATION|g" -e "s|@SITE@|$2|g" "$POLICIES/$1" > "$3"
@@ -24,6 +41,14 @@ user() {  # policy-name access-key secret-key policy-file
   mc admin user add fedround "$2" "$3"
   mc admin policy attach fedround "$1" --user "$2" 2>/dev/null || true  # already attached
 }
+
+for name in minio_root_user minio_root_password coordinator_s3_access_key coordinator_s3_secret_key; do
+  vet "$name"
+done
+for site in $SITES; do
+  vet "site_${site}_s3_access_key"
+  vet "site_${site}_s3_secret_key"
+done
 
 tries=0
 until mc alias set fedround "$MINIO_URL" "$(secret minio_root_user)" "$(secret minio_root_password)" >/dev/null; do
