@@ -207,6 +207,7 @@ COMMAND_MODULES: list[str] = [
     "fedround.flows.cli.lifecycle",
     "fedround.flows.cli.site_onboarding",
     "fedround.flows.cli.contract",
+    "fedround.flows.cli.privacy",
 ]
 
 
