@@ -10,7 +10,9 @@ federation, starts one ``fedround site start`` worker per site, runs the federat
   (median, p90, max), the goal being <= 1.0 s at 10 site pools;
 - dispatch latency = round opened → the site's training starts, over every site and
   round (median, p90, max);
-- session start-up (trigger → every site's contract report) for the distributed run.
+- session start-up (trigger → every site's contract report) for the distributed run;
+- how long the ten site workers took to register with the server after they were started
+  (polled, not a fixed sleep: each worker does its imports once, before it registers).
 
     .venv/bin/python benchmarks/distributed_overhead.py [--sites 10] [--rounds 20]
 """
@@ -34,6 +36,25 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FEDERATION = "bench-dist"
+
+
+def wait_for_workers(api_url: str, config: Any, sites: list[str], timeout: float = 300) -> float:
+    """Poll the Prefect server until every site's pool has a worker; the seconds it took."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    started = time.perf_counter()
+    waiting = {config.work_pool(site) for site in sites}
+    with (
+        temporary_settings(updates={PREFECT_API_URL: api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        while waiting:
+            waiting = {p for p in waiting if not client.read_workers_for_work_pool(p)}
+            if time.perf_counter() - started > timeout:
+                raise TimeoutError(f"no worker registered for pools {sorted(waiting)}")
+            time.sleep(0.2)
+    return time.perf_counter() - started
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
@@ -106,6 +127,8 @@ def main() -> None:
                     "partition": {"kind": "iid"},
                 },
                 "selection": {"min_sites": args.sites, "deadline_s": 120, "liveness_s": 30},
+                # orchestration only: no federated evaluation at the sites each round
+                "evaluation": {"federated": {"every": 0, "final": False}},
                 "contract": str(ROOT / "deployments/examples/contracts/mnist-site-data.json"),
                 "sites": [{"name": s} for s in sites],
             }
@@ -154,8 +177,11 @@ def main() -> None:
                     start_new_session=True,
                 )
             )
-        time.sleep(10)  # workers register with the server
-        print(f"{len(sites)} site workers started; running {args.rounds} distributed rounds")
+        registered = wait_for_workers(endpoints.prefect_api_url, config, sites)
+        print(
+            f"{len(sites)} site workers registered in {registered:.1f}s; "
+            f"running {args.rounds} distributed rounds"
+        )
         distributed = run(
             [
                 str(BIN / "fedround"),

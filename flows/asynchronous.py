@@ -81,7 +81,8 @@ class _Version:
     bytes_up: int = 0
     bytes_up_dense: float = 0.0
     bytes_down: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the slowest accepted training
+    train_seconds_total: float = 0.0
 
 
 def buffered_strategy(ctx: RunContext, state: dict[str, Any], weights: Any) -> BufferedAsync:
@@ -229,7 +230,9 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
         now.bytes_up += result.nbytes_up
         now.bytes_up_dense += result.metrics.get("bytes_up_dense", 0.0)
         now.bytes_down += result.nbytes_down
-        now.train_seconds = max(now.train_seconds, result.metrics.get("train_seconds", 0.0))
+        trained = result.metrics.get("train_seconds", 0.0)
+        now.train_seconds = max(now.train_seconds, trained)
+        now.train_seconds_total += trained
         if submission.applied:
             yield _commit(ctx, store, buffered, reputation, now, config.rounds)
             if buffered.version < config.rounds:
@@ -279,6 +282,7 @@ def _commit(
         {
             "round_seconds": seconds,
             "slowest_site_train_seconds": version.train_seconds,
+            "train_seconds_total": version.train_seconds_total,
             "staleness_mean": sum(version.staleness) / len(version.staleness),
             "staleness_max": float(max(version.staleness)),
             "updates_rejected_stale": float(len(version.stale)),

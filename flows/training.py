@@ -471,6 +471,9 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     )
     metrics["round_seconds"] = seconds
     metrics["slowest_site_train_seconds"] = slowest
+    metrics["train_seconds_total"] = sum(
+        done[s].metrics.get("train_seconds", 0.0) for s in outcome.accepted
+    )
     metrics["orchestration_overhead_seconds"] = seconds - slowest
     latencies = [
         done[s].metrics["dispatch_latency_seconds"]
