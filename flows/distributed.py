@@ -45,6 +45,7 @@ from fedround.tasks.object_store import ObjectStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M", ContractReport, SiteEvalResult)
 
 SESSION_DEPLOYMENT = "fedround-site-session"
 EVALUATION_DEPLOYMENT = "fedround-site-evaluation"
@@ -213,6 +214,25 @@ class DistributedDispatcher:
                     raise SiteUnavailable(f"site {site}'s session stopped answering during {what}")
             time.sleep(self.poll_s)
 
+    def _await_object(
+        self,
+        site: str,
+        what: str,
+        name: str,
+        timeout: float,
+        key: str,
+        max_bytes: int,
+        model: type[M],
+        watch: bool,
+    ) -> M:
+        """Wait for a site-written JSON object at ``key`` (see :meth:`_poll`), read within its
+        size limit and parsed as ``model``; a malformed one leaves the site out."""
+        payload = self._poll(site, what, timeout, lambda: self._get(key, max_bytes), watch)
+        try:
+            return model.model_validate_json(payload)
+        except ValueError as exc:
+            raise SiteUnavailable(f"site {site}: its {name} is malformed: {exc}") from exc
+
     # --- the dispatcher protocol --------------------------------------------------------
 
     def open_run(self, run_id: str, sites: list[str]) -> None:
@@ -226,17 +246,16 @@ class DistributedDispatcher:
         if site in self.down:
             raise SiteUnavailable(f"site {site}: {self.down[site]}")
         key = keys.contract_report_key(federation, run_id, site)
-        payload = self._poll(
+        return self._await_object(
             site,
             "its data contract",
+            "contract report",
             timeout,
-            lambda: self._get(key, CONTRACT_REPORT_MAX_BYTES),
-            True,
+            key,
+            CONTRACT_REPORT_MAX_BYTES,
+            ContractReport,
+            watch=True,
         )
-        try:
-            return ContractReport.model_validate_json(payload)
-        except ValueError as exc:
-            raise SiteUnavailable(f"site {site}: its contract report is malformed: {exc}") from exc
 
     def announce_round(
         self, round_: int, nonce: str, specs: list[RoundSpec], deadline: float
@@ -335,19 +354,16 @@ class DistributedDispatcher:
             idempotency_key=f"{evaluation_id}/{spec.site}/{spec.model_key}",
         )
         key = keys.evaluation_result_key(spec.federation, evaluation_id, spec.site)
-        payload = self._poll(
+        return self._await_object(
             spec.site,
             "its evaluation",
+            "evaluation result",
             timeout,
-            lambda: self._get(key, EVALUATION_RESULT_MAX_BYTES),
-            False,
+            key,
+            EVALUATION_RESULT_MAX_BYTES,
+            SiteEvalResult,
+            watch=False,
         )
-        try:
-            return SiteEvalResult.model_validate_json(payload)
-        except ValueError as exc:
-            raise SiteUnavailable(
-                f"site {spec.site}: its evaluation result is malformed: {exc}"
-            ) from exc
 
     def close_run(self, state: str) -> None:
         if self.run_id:
