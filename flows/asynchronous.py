@@ -43,7 +43,7 @@ from fedround.flows.training import (
 )
 from fedround.site_workers.site_round import RoundSpec, SiteRoundResult
 from fedround.tasks import run_context
-from fedround.tasks.aggregation import UNREADABLE, read_update
+from fedround.tasks.aggregation import read_update, rejection
 from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core.errors import ObjectStoreError, QuorumNotReached, UpdateRejected
 from fedround.tasks.core.manifest import GlobalManifest
@@ -205,15 +205,11 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
         )
         try:
             manifest, delta = read_update(store, expectation)
-        except UpdateRejected as exc:
-            now.rejected[site] = str(exc)
-            now.checked.add(site)
-            now.struck.add(site)
-            logger.warning("rejected update from site %s: %s", site, exc)
-            continue
-        except ObjectStoreError as exc:
-            now.rejected[site] = f"{UNREADABLE}{exc}"
-            logger.warning("could not read the update of site %s: %s", site, exc)
+        except (UpdateRejected, ObjectStoreError) as exc:
+            now.rejected[site] = rejection(site, exc)
+            if isinstance(exc, UpdateRejected):  # a verdict on the site, unlike a store error
+                now.checked.add(site)
+                now.struck.add(site)
             continue
         submission = buffered.submit(delta, job.base)
         del delta

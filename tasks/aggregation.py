@@ -105,6 +105,16 @@ def read_update(
     return manifest, validate_update(manifest, payload, expected)
 
 
+def rejection(site: str, exc: UpdateRejected | ObjectStoreError) -> str:
+    """Log why ``site``'s update was not read and return the reason to record: the
+    rejection, or ``unreadable: …`` when the store failed (no verdict on the site)."""
+    if isinstance(exc, UpdateRejected):
+        log.warning("rejected update from site %s: %s", site, exc)
+        return str(exc)
+    log.warning("could not read the update of site %s: %s", site, exc)
+    return f"{UNREADABLE}{exc}"
+
+
 def _prefetched(
     sites: Sequence[str], fetch: Callable[[str], Fetched], window: int
 ) -> Iterator[tuple[str, Future[Fetched]]]:
@@ -134,13 +144,8 @@ def _valid_updates(
     for site, fetched in _prefetched(sorted(expectations), fetch, window):
         try:
             manifest, delta = fetched.result()
-        except UpdateRejected as exc:
-            outcome.rejected[site] = str(exc)
-            log.warning("rejected update from site %s: %s", site, exc)
-            continue
-        except ObjectStoreError as exc:
-            outcome.rejected[site] = f"{UNREADABLE}{exc}"
-            log.warning("could not read the update of site %s: %s", site, exc)
+        except (UpdateRejected, ObjectStoreError) as exc:
+            outcome.rejected[site] = rejection(site, exc)
             continue
         outcome.accepted[site] = manifest.num_examples
         outcome.manifests[site] = manifest
