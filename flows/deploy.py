@@ -19,6 +19,7 @@ import yaml
 
 from fedround.flows.distributed import EVALUATION_DEPLOYMENT, SESSION_DEPLOYMENT
 from fedround.site_workers.session import EVALUATION_ENTRYPOINT, SESSION_ENTRYPOINT
+from fedround.tasks.alerts import check_alerts, ensure_automations
 from fedround.tasks.core.config import FederationConfig
 from fedround.tasks.core.errors import FedroundError
 
@@ -130,12 +131,14 @@ def ensure_work_pools(config: FederationConfig) -> list[str]:
 
 
 def deploy(config: FederationConfig, config_path: Path, project_dir: Path, out_dir: Path) -> Path:
-    """Create the pools and apply the rendered deployments; returns the prefect.yaml used."""
+    """Create the pools, apply the rendered deployments and create the federation's alert
+    automations (:mod:`fedround.tasks.alerts`); returns the prefect.yaml used."""
     if not os.environ.get("PREFECT_API_URL"):
         raise FedroundError(
             "PREFECT_API_URL is not set: deployments need a Prefect server "
             "(start one with `fedround up`, then export what it prints)"
         )
+    check_alerts(config)  # undeliverable alerts are refused before anything is created
     relative = os.path.relpath(config_path.resolve(), project_dir.resolve())
     prefect_file = out_dir / config.federation / "prefect.yaml"
     prefect_file.parent.mkdir(parents=True, exist_ok=True)
@@ -153,4 +156,5 @@ def deploy(config: FederationConfig, config_path: Path, project_dir: Path, out_d
     )
     if done.returncode != 0:
         raise FedroundError(f"prefect deploy failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    ensure_automations(config)
     return prefect_file

@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
 from fedround.flows.federated_eval import evaluate_at_site
 from fedround.site_workers.site_round import EvalSpec, SiteEvalResult
+from fedround.tasks import alerts
 from fedround.tasks.audit import AuditLog
 from fedround.tasks.config_versioning import config_revision
 from fedround.tasks.core import keys
@@ -270,6 +271,9 @@ def promote_model(
     finally:
         lock.release()
     (logger.info if result.outcome != "rejected" else logger.warning)(result.message)
+    if result.outcome == "rejected" and decision is not None:
+        failed = [f"{gate.gate}: {gate.detail}" for gate in decision.gates if not gate.passed]
+        alerts.promotion_gate_failed(config, result.model, result.version, failed)
     _report(result, decision)
     return result
 

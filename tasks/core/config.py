@@ -685,6 +685,100 @@ class ScheduleConfig(_Strict):
         return self
 
 
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+# Prefect refuses a proactive trigger (the stall alert) with a window under 10 s.
+MIN_STALL_S = 10.0
+
+
+class AlertsConfig(_Strict):
+    """Alerts, delivered by Prefect automations on the events every run emits
+    (``fedround deploy`` creates them; see :mod:`fedround.tasks.alerts`).
+
+    Channels: ``webhook`` (a Prefect custom-webhook block posts JSON with ``subject`` and
+    ``body``) and ``email`` (Prefect's Sendgrid block: needs ``email_sender`` here and
+    ``FEDROUND_SENDGRID_API_KEY`` where ``fedround deploy`` runs). Conditions: a run fails,
+    no round commits within ``stall_after_s``, too many of a round's sites drop out, the
+    evaluation metric stops improving, a candidate fails a promotion gate.
+    """
+
+    enabled: bool = Field(True, description="false: no automations (runs still emit events)")
+    webhook: str | None = Field(None, description="http(s) URL that receives each alert (POST)")
+    email: list[str] = Field(default_factory=list, description="addresses that receive alerts")
+    email_via: Literal["sendgrid"] = Field(
+        "sendgrid", description="the Prefect notification block that sends email"
+    )
+    email_sender: str | None = Field(None, description="the From address (verified at Sendgrid)")
+    stall_after_s: float = Field(
+        1800.0,
+        ge=MIN_STALL_S,
+        description="alert when no round commits this long after the run start or the last "
+        "round (Prefect's proactive triggers need at least 10 s)",
+    )
+    dropout_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="alert when more than this share of a round's selected sites did not "
+        "contribute (1: never)",
+    )
+    patience_rounds: int = Field(
+        5, ge=1, description="alert when evaluation.metric has not improved for this many rounds"
+    )
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  # a malformed port raises here
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or " " in value:
+            raise ValueError(
+                f"{value!r} is not an http(s) URL: use e.g. https://hooks.example.org/fedround"
+            )
+        return value
+
+    @field_validator("email")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        bad = [address for address in value if not _EMAIL.match(address)]
+        if bad:
+            raise ValueError(f"not email addresses: {bad}")
+        repeated = sorted({a for a in value if value.count(a) > 1})
+        if repeated:
+            raise ValueError(f"addresses listed more than once: {repeated}")
+        return value
+
+    @field_validator("email_sender")
+    @classmethod
+    def _sender(cls, value: str | None) -> str | None:
+        if value is not None and not _EMAIL.match(value):
+            raise ValueError(f"{value!r} is not an email address")
+        return value
+
+    @model_validator(mode="after")
+    def _sender_for_email(self) -> AlertsConfig:
+        if self.email and self.email_sender is None:
+            raise ValueError(
+                "email needs email_sender: the From address of the alerts (a sender "
+                f"verified at {self.email_via})"
+            )
+        return self
+
+    @property
+    def channels(self) -> list[str]:
+        """Where alerts go: ``webhook`` and/or ``email`` (empty: nowhere)."""
+        return [name for name, on in (("webhook", self.webhook), ("email", self.email)) if on]
+
+
 class SiteEntry(_Strict):
     name: Name
     work_pool: str | None = Field(None, description="defaults to '<federation>-<site>'")
@@ -720,6 +814,7 @@ class FederationConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()
     promotion: PromotionConfig = PromotionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    alerts: AlertsConfig = AlertsConfig()
     contract: str = Field(description="Great Expectations suite (JSON), relative to this file")
     sites: list[SiteEntry] = Field(min_length=1)
 
@@ -748,6 +843,15 @@ class FederationConfig(_Strict):
             raise ValueError(
                 f"selection.min_sites={self.selection.min_sites} is more than the "
                 f"{len(self.sites)} sites listed"
+            )
+        if (
+            "stall_after_s" in self.alerts.model_fields_set
+            and self.alerts.stall_after_s <= self.selection.deadline_s
+        ):
+            raise ValueError(
+                f"alerts.stall_after_s={self.alerts.stall_after_s:g} is not more than "
+                f"selection.deadline_s={self.selection.deadline_s:g}: a round that waits for "
+                "its deadline would raise a stall alert; raise stall_after_s"
             )
         if self.mode == "async":
             self._check_async()
