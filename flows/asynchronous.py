@@ -30,6 +30,7 @@ from prefect import get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
 from fedround.flows.dispatch import SiteUnavailable, current_dispatcher
+from fedround.flows.round_artifacts import publish_round_table
 from fedround.flows.training import (
     CHECKPOINTED_COUNTS,
     RoundSummary,
@@ -39,6 +40,7 @@ from fedround.flows.training import (
     evaluate_global,
     publish_global,
     round_spec,
+    site_figures,
     site_round,
 )
 from fedround.site_workers.site_round import RoundSpec, SiteRoundResult
@@ -48,6 +50,7 @@ from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core.errors import ObjectStoreError, QuorumNotReached, UpdateRejected
 from fedround.tasks.core.manifest import GlobalManifest
 from fedround.tasks.core.reputation import Reputation, split_state
+from fedround.tasks.core.round_table import SiteFigures, site_rows
 from fedround.tasks.core.strategies import BufferedAsync, NormClipping, build_optimizer
 from fedround.tasks.core.validation import UpdateExpectation, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
@@ -83,6 +86,7 @@ class _Version:
     bytes_down: int = 0
     train_seconds: float = 0.0  # the slowest accepted training
     train_seconds_total: float = 0.0
+    figures: dict[str, SiteFigures] = field(default_factory=dict)  # accepted sites' rows
 
 
 def buffered_strategy(ctx: RunContext, state: dict[str, Any], weights: Any) -> BufferedAsync:
@@ -229,6 +233,7 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
         trained = result.metrics.get("train_seconds", 0.0)
         now.train_seconds = max(now.train_seconds, trained)
         now.train_seconds_total += trained
+        now.figures[site] = site_figures(result)
         if submission.applied:
             yield _commit(ctx, store, buffered, reputation, now, config.rounds)
             if buffered.version < config.rounds:
@@ -295,9 +300,21 @@ def _commit(
         config.evaluation.metric,
         metrics.get(config.evaluation.metric),
     )
+    rows = site_rows(
+        selected=version.dispatched,
+        accepted=version.accepted,
+        rejected=version.rejected,
+        failed=version.failed,
+        late=version.stale,
+        left_out={},
+        excluded=ctx.excluded,
+        figures=version.figures,
+    )
+    publish_round_table(config.federation, ctx.run_id, number, rows)
     return RoundSummary(
         round=number,
         selected=version.dispatched,
+        sites=rows,
         accepted=version.accepted,
         rejected=version.rejected,
         failed=version.failed,

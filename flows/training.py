@@ -37,9 +37,15 @@ from tqdm import tqdm
 
 from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
 from fedround.flows.federated_eval import evaluate_final, log_evaluation, record_label_skew
+from fedround.flows.round_artifacts import (
+    mlflow_ui_url,
+    model_url,
+    publish_round_table,
+    publish_run_summary,
+)
 from fedround.site_workers.data import load_dataset
 from fedround.site_workers.site_round import RoundSpec, SiteRoundResult, evaluate_model
-from fedround.tasks import run_context
+from fedround.tasks import alerts, run_context
 from fedround.tasks.aggregation import AggregationOutcome, aggregate_updates
 from fedround.tasks.checkpoints import (
     Checkpoint,
@@ -72,6 +78,7 @@ from fedround.tasks.core.manifest import CheckpointManifest, GlobalManifest, Upd
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.preprocessing import Preprocessor, bound_summary, merge_summaries
 from fedround.tasks.core.reputation import Reputation, split_state
+from fedround.tasks.core.round_table import RunOverview, SiteFigures, SiteRow, site_rows
 from fedround.tasks.core.selection import derive_seed, select_sites
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
 from fedround.tasks.core.strategies import build_strategy
@@ -102,6 +109,8 @@ class RunContext(BaseModel):
     model: ModelConfig
     preprocessor: Preprocessor | None = None
     preprocessing_sha256: str | None = None
+    # Sites whose data contract failed at the start of the run (site → the rule it broke).
+    excluded: dict[str, str] = Field(default_factory=dict)
 
 
 class RoundSummary(BaseModel):
@@ -122,6 +131,8 @@ class RoundSummary(BaseModel):
     federated: dict[str, float] = Field(default_factory=dict)
     seconds: float
     checkpoint_sha256: str
+    # Every site the round touched, with its status and figures (the Prefect UI's table).
+    sites: list[SiteRow] = Field(default_factory=list)
 
 
 class RunResult(BaseModel):
@@ -312,6 +323,23 @@ def round_spec(
         context=run_context.current_fields(),
         evaluation=config.evaluation,
         evaluate_received=evaluate_received,
+    )
+
+
+# Framework figures a site's round reports beside its own metrics (not shown as metrics).
+FRAMEWORK_FIGURES = frozenset(
+    {"train_seconds", "bytes_up_dense", "bytes_down", "dispatch_latency_seconds"}
+)
+
+
+def site_figures(result: SiteRoundResult) -> SiteFigures:
+    """A site's round result as the figures of its row in the round's table."""
+    return SiteFigures(
+        examples=result.num_examples,
+        seconds=result.seconds,
+        bytes_up=result.nbytes_up,
+        bytes_down=result.nbytes_down,
+        metrics={k: v for k, v in result.metrics.items() if k not in FRAMEWORK_FIGURES},
     )
 
 
@@ -510,6 +538,17 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         config.evaluation.metric,
         metrics.get(config.evaluation.metric),
     )
+    rows = site_rows(
+        selected=selected,
+        accepted=outcome.accepted,
+        rejected=outcome.rejected,
+        failed=failed,
+        late=late,
+        left_out=left_out,
+        excluded=ctx.excluded,
+        figures={site: site_figures(result) for site, result in done.items()},
+    )
+    publish_round_table(config.federation, ctx.run_id, round_, rows)
     return RoundSummary(
         round=round_,
         selected=selected,
@@ -518,6 +557,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         late=late,
         failed=failed,
         left_out=left_out,
+        sites=rows,
         strikes={site: reputation.strikes(site) for site in sorted(reputation.history)},
         flagged=reputation.flagged(),
         metrics=metrics,
@@ -631,7 +671,9 @@ def _check_contracts(
 
 @flow(
     name="fedround-training",
-    flow_run_name=lambda: runtime.flow_run.parameters.get("run_id") or default_run_id(),
+    flow_run_name=lambda: flow_run_name(
+        runtime.flow_run.parameters, runtime.flow_run.tags, runtime.flow_run.scheduled_start_time
+    ),
     validate_parameters=False,
     task_runner=ThreadPoolTaskRunner(max_workers=64),  # type: ignore[arg-type]  # one thread per waiting site
 )
@@ -669,6 +711,44 @@ def train_federation(
             current_dispatcher.reset(token)
 
 
+def flow_run_name(
+    parameters: dict[str, Any], tags: list[str], scheduled: datetime | str | None
+) -> str:
+    """``mnist-demo · 2026-11-30 nightly · <run id>``: what the run is, in the Prefect UI."""
+    run_id = parameters.get("run_id") or default_run_id()
+    federation = "fedround"
+    try:
+        import yaml
+
+        loaded = yaml.safe_load(Path(str(parameters.get("config_path"))).read_text())
+        federation = str(loaded.get("federation") or federation)[:60]
+    except Exception:  # the flow itself reports a bad config; the name stays generic
+        pass
+    if "auto-scheduled" in tags:
+        kind = "nightly"
+    elif runtime.deployment.id:
+        kind = "on demand"
+    else:
+        kind = "embedded"
+    when = datetime.fromisoformat(str(scheduled)) if scheduled else datetime.now(UTC)
+    return f"{federation} · {when.date().isoformat()} {kind} · {run_id}"
+
+
+def _tag_flow_run(config: FederationConfig) -> None:
+    """Tag the flow run with its tenant and federation (filters in the Prefect UI)."""
+    flow_run_id = runtime.flow_run.id
+    wanted = {f"tenant:{config.tenant}", f"federation:{config.federation}"}
+    if not flow_run_id or wanted <= set(runtime.flow_run.tags):
+        return
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run_id, tags=sorted(set(runtime.flow_run.tags) | wanted))
+    except Exception:
+        log.warning("could not tag flow run %s", flow_run_id, exc_info=True)
+
+
 def default_run_id() -> str:
     """Scheduled and UI-triggered runs: named by date and flow run, stable across retries."""
     flow_run_id = runtime.flow_run.id
@@ -685,6 +765,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
     config = load_federation_config(path)
     load_callable(config.model.import_path, "model factory")  # fail before the sites start
     config_sha256 = sha256_hex(path.read_bytes())
+    _tag_flow_run(config)
     store = open_store(settings.object_store)
     suite = load_contract_suite(path, config)
     store.put(keys.contract_key(config.federation, run_id), json.dumps(suite).encode())
@@ -705,6 +786,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         if settings.tracking_uri.startswith("sqlite:")
         else None,
     )
+    alerts.run_started(config, run_id)
     try:
         dispatcher.open_run(run_id, [site.name for site in config.sites])
         passed, excluded = _check_contracts(config, run_id)
@@ -744,6 +826,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
             model=model_config,
             preprocessor=preprocessor,
             preprocessing_sha256=preprocessing_sha256,
+            excluded=excluded,
         )
         setup_seconds = time.perf_counter() - started
         summaries = _run_rounds(ctx, first=start.round + 1)
@@ -770,9 +853,10 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
                 ),
             },
         )
-    except BaseException:
+    except BaseException as exc:
         dispatcher.close_run("failed")
         tracker.finish("FAILED")
+        alerts.run_finished(config, run_id, ok=False, reason=f"{type(exc).__name__}: {exc}")
         raise
     dispatcher.close_run("finished")
     # A checkpoint's metrics are the round's counts plus its central evaluation.
@@ -785,6 +869,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         tracker, [s.model_dump(mode="json") for s in summaries], time.perf_counter() - started
     )
     tracker.finish()
+    alerts.run_finished(config, run_id, ok=True, reason=None)
     timed = {s.round: s.metrics for s in summaries}  # rounds run by this process carry timings
     # federated evaluation: round r's sites scored round r − 1's model; the final pass, the last
     federated = {s.round - 1: s.federated for s in summaries if s.federated}
@@ -800,6 +885,10 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         if r > 0
     ]
     round_times = [s.seconds for s in summaries]
+    participating = sorted({s for h in summaries for s in h.accepted} | set(final.manifest.sites))
+    _publish_summary(
+        ctx, lineage, summaries, history, final_metrics, participating, registered.__dict__
+    )
     return RunResult(
         federation=config.federation,
         run_id=run_id,
@@ -808,9 +897,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         final_metrics=final_metrics,
         history=history,
         sites={
-            "participating": sorted(
-                {s for h in summaries for s in h.accepted} | set(final.manifest.sites)
-            ),
+            "participating": participating,
             "excluded": excluded,
             "left_out_in_rounds": {
                 str(s.round): {**s.left_out, **s.failed, **s.rejected}
@@ -833,6 +920,7 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         mlflow={
             "tracking_uri": settings.tracking_uri,
             "experiment": config.federation,
+            "experiment_id": tracker.experiment_id(),
             "run_id": tracker.mlflow_run_id,
         },
         prefect={"flow_run_id": str(runtime.flow_run.id)},
@@ -846,10 +934,57 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
     )
 
 
+def _publish_summary(
+    ctx: RunContext,
+    lineage: TrainingLineage,
+    summaries: list[RoundSummary],
+    history: list[dict[str, Any]],
+    final_metrics: dict[str, float],
+    participating: list[str],
+    model: dict[str, str] | None,
+) -> None:
+    """The run's markdown summary and chart in the Prefect UI."""
+    config = ctx.config
+    ui = mlflow_ui_url(ctx.settings.tracking_uri)
+    metric = config.evaluation.metric
+    records = {s.round: s.model_dump(mode="json") for s in summaries}
+    for row in history:  # rounds of an earlier attempt: their metrics, no site rows
+        records.setdefault(int(row["round"]), {"round": row["round"], "metrics": row})
+    publish_run_summary(
+        RunOverview(
+            federation=config.federation,
+            tenant=config.tenant,
+            run_id=ctx.run_id,
+            config_revision=lineage.revision.revision,
+            strategy=config.strategy.name,
+            mode=config.mode,
+            rounds=config.rounds,
+            metric=metric,
+            final_metrics=final_metrics,
+            participating=participating,
+            excluded=ctx.excluded,
+            history=[
+                (int(row["round"]), float(row[metric]))
+                for row in history
+                if isinstance(row.get(metric), int | float)
+            ],
+            bytes_up=sum(float(row.get("bytes_up", 0.0)) for row in history),
+            bytes_down=sum(float(row.get("bytes_down", 0.0)) for row in history),
+            model=f"{model['name']} version {model['version']}" if model else None,
+            mlflow_url=model_url(ui, model["name"], model["version"]) if model else ui,
+            round_median_seconds=(
+                statistics.median(s.seconds for s in summaries) if summaries else 0.0
+            ),
+        ),
+        [records[r] for r in sorted(records)],
+    )
+
+
 def _run_rounds(ctx: RunContext, first: int) -> list[RoundSummary]:
     """Rounds ``first`` … ``config.rounds``, with a progress bar and a Prefect progress artifact."""
     config = ctx.config
     summaries: list[RoundSummary] = []
+    history = alerts.metric_history(ctx.settings.object_store, config, ctx.run_id, first)
     artifact: Any = create_progress_artifact(
         progress=100.0 * (first - 1) / config.rounds,
         description=f"{config.federation} run {ctx.run_id}: rounds completed",
@@ -865,6 +1000,11 @@ def _run_rounds(ctx: RunContext, first: int) -> list[RoundSummary]:
         for summary in _rounds(ctx, first):
             summaries.append(summary)
             metric = config.evaluation.metric
+            history.append(summary.metrics.get(metric, float("nan")))
+            asked, contributed = _participation(config, summary)
+            alerts.round_committed(
+                config, ctx.run_id, summary.round, history[-1], asked, contributed, history
+            )
             progress.set_postfix(
                 {metric[:8]: f"{summary.metrics.get(metric, float('nan')):.3f}"},
                 sites=f"{len(summary.accepted)}/{len(summary.selected)}",
@@ -873,6 +1013,16 @@ def _run_rounds(ctx: RunContext, first: int) -> list[RoundSummary]:
             progress.update()
             update_progress_artifact(artifact, progress=100.0 * summary.round / config.rounds)
     return summaries
+
+
+def _participation(config: FederationConfig, summary: RoundSummary) -> tuple[int, int]:
+    """(sites asked, sites that contributed) for the dropout alert. A synchronous round
+    asks its selected sites; an async version counts the sites whose training ended while
+    it filled (sites sent the version may still be training when it commits)."""
+    accepted = len(summary.accepted)
+    if config.mode != "async":
+        return len(summary.selected), accepted
+    return accepted + len(summary.rejected) + len(summary.failed) + len(summary.late), accepted
 
 
 def _rounds(ctx: RunContext, first: int) -> Iterator[RoundSummary]:

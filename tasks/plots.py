@@ -51,3 +51,40 @@ def training_plots(
         figure.savefig(buffer, format="png", dpi=100)
         pngs[f"{metric}.png"] = buffer.getvalue()
     return pngs
+
+
+def metric_chart(
+    metric: str,
+    global_points: Series,
+    site_points: Mapping[str, Series],
+    site_metric: str | None = None,
+    dpi: int = 72,
+) -> bytes | None:
+    """One PNG: ``metric`` of the global model per round (bold) and each site's
+    ``site_metric`` per round (thin); ``None`` when there is nothing to draw."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    if not global_points and not any(site_points.values()):
+        return None
+    figure = Figure(figsize=(8, 4), layout="constrained")
+    axes = figure.subplots()
+    for site in sorted(site_points):
+        points = sorted(site_points[site])
+        if points:
+            axes.plot(*zip(*points, strict=True), lw=1, alpha=0.6, marker=".", label=site)
+    if global_points:
+        points = sorted(global_points)
+        axes.plot(*zip(*points, strict=True), lw=2.5, color="black", label=f"global {metric}")
+    title = f"{metric} of the global model per round"
+    if site_metric and any(site_points.values()):
+        title += f", and each site's {site_metric}"
+    axes.set_title(title)
+    axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if len(site_points) <= 20:
+        axes.legend(fontsize="small", ncol=2)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

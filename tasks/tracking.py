@@ -103,6 +103,9 @@ class RunTracker:
                 self.mlflow_run_id, metrics=items[start : start + 1000], synchronous=wait
             )
 
+    def experiment_id(self) -> str:
+        return str(self.client.get_run(self.mlflow_run_id).info.experiment_id)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.mlflow_run_id, text, artifact_file)
 

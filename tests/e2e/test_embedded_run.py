@@ -109,14 +109,19 @@ def test_prefect_recorded_the_flow_and_task_runs(
 import asyncio, json
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.sorting import ArtifactSort
 async def main():
     async with get_client() as client:
         runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[RUN_ID])))
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=RUN_ID)))
+        artifacts = await client.read_artifacts(sort=ArtifactSort.CREATED_DESC, limit=50)
+        arts = [[a.type, a.key, a.description, a.data]
+                for a in artifacts if a.flow_run_id == runs[0].id]
         tasks = await client.read_task_runs(limit=200)
         mine = sorted(t.name for t in tasks if t.flow_run_id == runs[0].id)
         print(json.dumps({"flow_runs": [[r.name, r.state_type.value] for r in runs],
-                          "task_runs": mine}))
+                          "tags": sorted(runs[0].tags),
+                          "task_runs": mine, "artifacts": arts}))
 asyncio.run(main())
 """.replace("RUN_ID", repr(first_run["run_id"]))
     env = cli_env(state_dir)
@@ -126,7 +131,24 @@ asyncio.run(main())
     )
     assert done.returncode == 0, done.stderr[-2000:]
     recorded = json.loads(done.stdout.strip().splitlines()[-1])
-    assert recorded["flow_runs"] == [[first_run["run_id"], "COMPLETED"]]
+    [(name, state)] = recorded["flow_runs"]
+    assert state == "COMPLETED"
+    assert name.startswith("e2e-mnist · 20") and name.endswith(f"embedded · {first_run['run_id']}")
+    assert {"tenant:test", "federation:e2e-mnist"} <= set(recorded["tags"])
+    # One table per round (site, status, reason, figures) and the run's summary with a chart.
+    tables = [a for a in recorded["artifacts"] if a[0] == "table"]
+    assert sorted(a[2].split(" · round ")[1].split(":")[0] for a in tables) == ["1", "2", "3"]
+    rows = json.loads(tables[0][3]) if isinstance(tables[0][3], str) else tables[0][3]
+    by_site = {row["site"]: row for row in rows}
+    assert {by_site[s]["status"] for s in ("site-a", "site-b", "site-c")} == {"trained"}
+    assert by_site["site-d"]["status"] == "excluded" and "label" in by_site["site-d"]["reason"]
+    for site in ("site-a", "site-b", "site-c"):
+        assert by_site[site]["examples"] > 0 and by_site[site]["bytes up"] > 0
+    summaries = [a for a in recorded["artifacts"] if a[0] == "markdown"]
+    assert [a[1] for a in summaries] == ["e2e-mnist-run-summary"]
+    summary = summaries[0][3]
+    assert "| sites | 3 took part, 1 excluded |" in summary
+    assert "![accuracy per round](data:image/png;base64," in summary
     names = set(recorded["task_runs"])
     for round_ in (1, 2, 3):
         for site in ("site-a", "site-b", "site-c"):
