@@ -12,7 +12,7 @@ import contextvars
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
@@ -244,12 +244,15 @@ def own_site_configs(config: FederationConfig, config_path: Path) -> dict[str, P
 
 
 @contextmanager
-def embedded_federation(config_path: Path, processes: int | None) -> Iterator[EmbeddedDispatcher]:
+def embedded_federation(
+    config_path: Path, processes: int | None, ready: Callable[[], None] | None = None
+) -> Iterator[EmbeddedDispatcher]:
     """The federation's sites on this machine, current for the flows run inside the block.
 
     Prefect's temporary server boots in the background first; meanwhile the demo sites are
     provisioned and the worker processes start their imports. The block begins once the
-    server answers, and the workers are stopped when it ends.
+    server answers, and the workers are stopped when it ends. ``ready`` waits for a local
+    server started elsewhere (the CLI's long-lived one) instead.
     """
     from fedround.flows import environment
     from fedround.site_workers.demo_sites import provision_demo_sites
@@ -269,6 +272,8 @@ def embedded_federation(config_path: Path, processes: int | None) -> Iterator[Em
     try:
         if booting is not None:
             booting.join()
+        if ready is not None:
+            ready()
         yield dispatcher
     finally:
         current_dispatcher.reset(token)

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
 scripts/install_postgres.sh   # Prefect on Postgres in the tests (tests/services.py)
+scripts/install_chromium.sh   # the browser tests (tests/browser.py)
 scripts/check.sh
 status=0
 .venv/bin/python -m pytest "$@" || status=$?

@@ -85,12 +85,45 @@ def print_summary(
         f"{result['timings']['round_median_seconds']:.2f}s",
         f"  result       {result_file}",
         "",
-        "Look closer:",
-        "  MLflow UI    .venv/bin/mlflow ui --backend-store-uri "
-        + result["mlflow"]["tracking_uri"],
-        f"  Prefect UI   PREFECT_HOME={state_dir / 'prefect'} .venv/bin/prefect server start",
+        *look_closer(result, state_dir),
     ]
     typer.echo("\n".join(lines))
+
+
+def look_closer(result: dict[str, Any], state_dir: Path) -> list[str]:
+    """Where to see the run: its pages in the running UIs, or how to start them."""
+    import os
+
+    prefect_api = os.environ.get("PREFECT_API_URL", "")
+    mlflow_ui = os.environ.get("FEDROUND_MLFLOW_UI_URL", "")
+    tracking = result["mlflow"]["tracking_uri"]
+    if not mlflow_ui and tracking.startswith(("http://", "https://")):
+        mlflow_ui = tracking
+    lines = ["Look closer:"]
+    flow_run = result.get("prefect", {}).get("flow_run_id")
+    if prefect_api and flow_run:
+        ui = prefect_api.removesuffix("/").removesuffix("/api")
+        lines.append(f"  Prefect UI   {ui}/runs/flow-run/{flow_run}")
+    else:
+        tools = Path(sys.executable).parent
+        lines.append(
+            f"  Prefect UI   PREFECT_HOME={state_dir / 'prefect'} PREFECT_SERVER_ANALYTICS_ENABLED"
+            f"=false {tools / 'prefect'} server start --port 4200   (then http://127.0.0.1:4200)"
+        )
+    experiment = result["mlflow"].get("experiment_id")
+    if mlflow_ui and experiment:
+        lines.append(
+            f"  MLflow UI    {mlflow_ui.rstrip('/')}/#/experiments/{experiment}/runs/"
+            f"{result['mlflow']['run_id']}"
+        )
+    else:
+        tools = Path(sys.executable).parent
+        lines.append(
+            f"  MLflow UI    MLFLOW_DISABLE_TELEMETRY=true {tools / 'mlflow'} ui --port 5000 "
+            f"--backend-store-uri {tracking}"
+        )
+    lines.append(f"  Report       fedround report {result['run_id']} --state-dir {state_dir}")
+    return lines
 
 
 @app.command()
@@ -136,6 +169,12 @@ def run(
     state = state_dir.resolve()
     environment.configure(state)
     options: dict[str, Any] = {"init_from": init_from, "allow_dirty": allow_dirty}
+    servers, ready = None, None
+    try:
+        if not distributed:
+            servers, ready = _local_servers(state)
+    except FedroundError as exc:
+        _fail(str(exc))
     try:
         from fedround.tasks.core.keys import check_run_id
         from fedround.tasks.run_lineage import precheck
@@ -146,9 +185,12 @@ def run(
         if distributed:
             result = _run_distributed(config.resolve(), run_id, **options)
         else:
-            result = _run_embedded(config.resolve(), run_id, processes, **options)
+            result = _run_embedded(config.resolve(), run_id, processes, ready, **options)
     except FedroundError as exc:
         _fail(str(exc), 2 if "config" in type(exc).__name__.lower() else 1)
+    finally:
+        if servers is not None:
+            servers.release()
     result_file = state / "runs" / result["run_id"] / "result.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
@@ -184,12 +226,40 @@ def _run_distributed(config_path: Path, run_id: str | None, **options: Any) -> d
     return result.model_dump(mode="json")
 
 
+def _local_servers(state: Path) -> tuple[Any, Any]:
+    """The embedded default's long-lived local Prefect server and MLflow UI (started on
+    first use, reused later); ``(None, None)`` when switched off or a server is configured."""
+    import os
+
+    from fedround.flows.services import local_ui
+
+    if os.environ.get("PREFECT_API_URL") or not local_ui.enabled():
+        return None, None
+    servers = local_ui.LocalServers(state)
+    endpoints, ready = servers.ensure()
+    for notice in endpoints.notices:
+        typer.secho(f"fedround: {notice}", err=True, fg=typer.colors.YELLOW)
+    if endpoints.started:
+        typer.echo(
+            f"fedround: starting the local {' and '.join(endpoints.started)} server(s) in the "
+            f"background (they stay up for later runs; `fedround down` stops them)",
+            err=True,
+        )
+    os.environ["PREFECT_API_URL"] = endpoints.prefect_api_url
+    os.environ[local_ui.MLFLOW_UI_ENV] = endpoints.mlflow_ui_url
+    return servers, ready
+
+
 def _run_embedded(
-    config_path: Path, run_id: str | None, processes: int | None, **options: Any
+    config_path: Path,
+    run_id: str | None,
+    processes: int | None,
+    ready: Any = None,
+    **options: Any,
 ) -> dict[str, Any]:
     from fedround.flows.dispatch import embedded_federation
 
-    with embedded_federation(config_path, processes):
+    with embedded_federation(config_path, processes, ready):
         from fedround.flows.training import new_run_id, train_federation
 
         environment.quiet_known_errors()
@@ -208,6 +278,7 @@ COMMAND_MODULES: list[str] = [
     "fedround.flows.cli.site_onboarding",
     "fedround.flows.cli.contract",
     "fedround.flows.cli.privacy",
+    "fedround.flows.cli.report",
 ]
 
 

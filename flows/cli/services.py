@@ -114,15 +114,19 @@ def down(
         bool, typer.Option(help="Also delete the services' data (keys and logs stay)")
     ] = False,
 ) -> None:
-    """Stop the services `fedround up` started (stale pid files are cleaned up too)."""
+    """Stop the services `fedround up` started, and the local Prefect server and MLflow UI
+    that `fedround run` keeps up (stale pid files are cleaned up too)."""
+    from fedround.flows.services.local_ui import LocalServers
     from fedround.flows.services.stack import down as stop_all
 
     _log_progress()
     try:
+        local = LocalServers(state_dir.resolve()).stop()
         stopped = stop_all(state_dir.resolve(), purge=purge)
     except FedroundError as exc:
         _fail(str(exc))
         return
+    stopped += [f"local {name} server" for name in local]
     typer.echo(f"fedround: stopped {', '.join(stopped)}" if stopped else "fedround: none running")
 
 
