@@ -38,11 +38,15 @@ from fedround.flows.services.proc import (
     Launch,
     ProcessRecord,
     ServiceError,
+    await_healthy,
+    clean_env,
     drop_record,
+    http_ok,
     port_is_free,
     read_record,
+    start,
     stop_record,
-    wait_healthy,
+    tool,
     write_record,
 )
 
@@ -94,24 +98,8 @@ class LocalEndpoints:
         return f"http://{HOST}:{self.mlflow_port}"
 
 
-def _http_ok(url: str) -> Callable[[], bool]:
-    import urllib.request
-
-    def check() -> bool:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return bool(response.status == 200)
-
-    return check
-
-
-def _tool(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.is_file() else name
-
-
 def _server_env() -> dict[str, str]:
-    drop = ("PREFECT_", "MLFLOW_", "AWS_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)} | TELEMETRY_OFF
+    return clean_env() | TELEMETRY_OFF
 
 
 class LocalServers:
@@ -143,11 +131,9 @@ class LocalServers:
                     ports[name] = record.ports[name]
                     continue
                 port = self._choose_port(name, notices)
-                launch = self._launch(name, port)
-                proc = self._spawn(launch)
+                waits.append(self._waiter(self._launch(name, port)))
                 ports[name] = port
                 started.append(name)
-                waits.append(self._waiter(launch, proc))
             if started:
                 self._start_watcher()
             (self.clients / str(os.getpid())).touch()
@@ -202,7 +188,7 @@ class LocalServers:
 
     def _health(self, name: str, port: int) -> Callable[[], bool]:
         path = "/api/health" if name == "prefect" else "/health"
-        return _http_ok(f"http://{HOST}:{port}{path}")
+        return http_ok(f"http://{HOST}:{port}{path}")
 
     def _launch(self, name: str, port: int) -> Launch:
         env = _server_env()
@@ -219,7 +205,7 @@ class LocalServers:
                 "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api",
             }
             command = [
-                _tool("prefect"),
+                tool("prefect"),
                 "--no-prompt",
                 "server",
                 "start",
@@ -232,7 +218,7 @@ class LocalServers:
             ]
         else:
             command = [
-                _tool("mlflow"),
+                tool("mlflow"),
                 "server",
                 "--host",
                 HOST,
@@ -254,34 +240,11 @@ class LocalServers:
             cwd=self.dir,
         )
 
-    def _spawn(self, launch: Launch) -> subprocess.Popen[bytes]:
-        with launch.log.open("ab") as out:
-            out.write(f"\n=== fedround: starting {' '.join(launch.command)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                launch.command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=launch.env,
-                cwd=launch.cwd,
-                start_new_session=True,
-            )
-        write_record(self.run_dir, ProcessRecord.of(launch.name, proc.pid, dict(launch.ports)))
-        return proc
-
-    def _waiter(self, launch: Launch, proc: subprocess.Popen[bytes]) -> Callable[[], None]:
-        def wait() -> None:
-            try:
-                wait_healthy(launch, proc)
-            except BaseException:
-                record = read_record(self.run_dir, launch.name)
-                if record is not None:
-                    stop_record(record)
-                drop_record(self.run_dir, launch.name)
-                raise
-
-        return wait
+    def _waiter(self, launch: Launch) -> Callable[[], None]:
+        """Start ``launch``; the returned function waits until it is healthy."""
+        started = time.monotonic()
+        record, proc = start(launch, self.run_dir)
+        return lambda: await_healthy(launch, proc, record, self.run_dir, started)
 
     def _start_watcher(self) -> None:
         record = read_record(self.run_dir, "watcher")

@@ -14,11 +14,14 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -242,13 +245,10 @@ class Launch:
 _BIND_ERRORS = ("address already in use", "is not available", "port is already in use")
 
 
-def spawn(launch: Launch, run_dir: Path) -> tuple[ProcessRecord, subprocess.Popen[bytes]]:
-    """Start ``launch`` in its own session, wait until healthy, write its record.
-
-    On failure the process group is stopped and :class:`ServiceError` quotes the log.
-    """
+def start(launch: Launch, run_dir: Path) -> tuple[ProcessRecord, subprocess.Popen[bytes]]:
+    """Start ``launch`` in its own session and write its record; returns at once (see
+    :func:`await_healthy`)."""
     launch.log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
     with launch.log.open("ab") as log:
         log.write(f"\n=== fedround: starting {launch.name}: {' '.join(launch.command)}\n".encode())
         log.flush()
@@ -263,6 +263,19 @@ def spawn(launch: Launch, run_dir: Path) -> tuple[ProcessRecord, subprocess.Pope
         )
     record = ProcessRecord.of(launch.name, proc.pid, dict(launch.ports))
     write_record(run_dir, record)
+    return record, proc
+
+
+def await_healthy(
+    launch: Launch,
+    proc: subprocess.Popen[bytes],
+    record: ProcessRecord,
+    run_dir: Path,
+    started: float,
+) -> None:
+    """Wait until a :func:`start`-ed service is healthy and record its start-up time
+    (``started``: ``time.monotonic()`` before it was started). On failure the process group
+    is stopped, the record dropped, and :class:`ServiceError` quotes the log."""
     try:
         wait_healthy(launch, proc)
     except BaseException:
@@ -274,7 +287,44 @@ def spawn(launch: Launch, run_dir: Path) -> tuple[ProcessRecord, subprocess.Pope
     record.startup_s = round(time.monotonic() - started, 2)
     write_record(run_dir, record)
     logger.info("%s healthy after %.1fs (pid %d)", launch.name, record.startup_s, proc.pid)
+
+
+def spawn(launch: Launch, run_dir: Path) -> tuple[ProcessRecord, subprocess.Popen[bytes]]:
+    """Start ``launch`` in its own session, wait until healthy, write its record.
+
+    On failure the process group is stopped and :class:`ServiceError` quotes the log.
+    """
+    started = time.monotonic()
+    record, proc = start(launch, run_dir)
+    await_healthy(launch, proc, record, run_dir, started)
     return record, proc
+
+
+def tool(name: str) -> str:
+    """A console script of this venv (next to its python), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ServiceError(f"`{name}` is not installed: run scripts/bootstrap.sh")
+    return found
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without Prefect/MLflow/AWS settings meant for clients."""
+    drop = ("PREFECT_", "MLFLOW_", "AWS_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """A health check: ``url`` answers 200."""
+
+    def check() -> bool:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return bool(response.status == 200)
+
+    return check
 
 
 def wait_healthy(launch: Launch, proc: subprocess.Popen[bytes]) -> None:

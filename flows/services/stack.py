@@ -40,10 +40,8 @@ import logging
 import os
 import shlex
 import shutil
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,12 +58,15 @@ from fedround.flows.services.proc import (
     PortRace,
     ProcessRecord,
     ServiceError,
+    clean_env,
     drop_record,
+    http_ok,
     port_is_free,
     read_record,
     require_free,
     spawn,
     stop_record,
+    tool,
     write_record,
 )
 from fedround.flows.services.s3 import REGION, S3Keys, SiteCredentials
@@ -503,7 +504,7 @@ class ServiceStack:
         if s3_record is None:
             raise ServiceError("MLflow needs the S3 server, which is not running")
         admin = s3.admin_keys(s3.read_credentials(self.dir))
-        environment = _clean_env() | {
+        environment = clean_env() | {
             "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{s3_record.ports['s3']}",
             "AWS_ACCESS_KEY_ID": admin.access_key,
             "AWS_SECRET_ACCESS_KEY": admin.secret_key,
@@ -513,7 +514,7 @@ class ServiceStack:
             "DO_NOT_TRACK": "true",
         }
         command = [
-            _tool("mlflow"),
+            tool("mlflow"),
             "server",
             "--host",
             HOST,
@@ -531,7 +532,7 @@ class ServiceStack:
             command,
             environment,
             self.dir / "logs" / "mlflow.log",
-            _http_ok(f"http://{HOST}:{port}/health"),
+            http_ok(f"http://{HOST}:{port}/health"),
             self.timeouts_s["mlflow"],
             {"mlflow": port},
             cwd=self.dir,
@@ -550,7 +551,7 @@ class ServiceStack:
         else:
             url = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
         ui = "true" if self.ui else "false"
-        environment = _clean_env() | {
+        environment = clean_env() | {
             "PREFECT_HOME": str(home),
             "PREFECT_API_DATABASE_CONNECTION_URL": url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -559,7 +560,7 @@ class ServiceStack:
             "PREFECT_SERVER_UI_ENABLED": ui,
         }
         command = [
-            _tool("prefect"),
+            tool("prefect"),
             "--no-prompt",
             "server",
             "start",
@@ -575,7 +576,7 @@ class ServiceStack:
             command,
             environment,
             self.dir / "logs" / "prefect.log",
-            _http_ok(f"http://{HOST}:{port}/api/health"),
+            http_ok(f"http://{HOST}:{port}/api/health"),
             self.timeouts_s["prefect"],
             {"prefect": port},
             cwd=self.dir,
@@ -679,8 +680,8 @@ class ServiceStack:
             return False
         port = record.ports.get(name)
         checks: dict[str, Callable[[], bool]] = {
-            "mlflow": _http_ok(f"http://{HOST}:{port}/health"),
-            "prefect": _http_ok(f"http://{HOST}:{port}/api/health"),
+            "mlflow": http_ok(f"http://{HOST}:{port}/health"),
+            "prefect": http_ok(f"http://{HOST}:{port}/api/health"),
             "s3": lambda: s3._answers(
                 f"{HOST}:{port}", s3.admin_keys(s3.read_credentials(self.dir))
             ),
@@ -693,31 +694,6 @@ class ServiceStack:
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def _tool(name: str) -> str:
-    """A console script of this venv (next to its python), else from PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise ServiceError(f"`{name}` is not installed: run scripts/bootstrap.sh")
-    return found
-
-
-def _clean_env() -> dict[str, str]:
-    """This process's environment without Prefect/MLflow/AWS settings meant for clients."""
-    drop = ("PREFECT_", "MLFLOW_", "AWS_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-
-
-def _http_ok(url: str) -> Callable[[], bool]:
-    def check() -> bool:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return bool(response.status == 200)
-
-    return check
 
 
 # --- module-level conveniences (the CLI uses these) -------------------------------------
