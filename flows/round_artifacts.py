@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
+from fedround.flows.services.local_ui import MLFLOW_UI_ENV
 from fedround.tasks.core.round_table import (
     RunOverview,
     SiteRow,
@@ -25,9 +26,6 @@ from fedround.tasks.core.round_table import (
 
 log = logging.getLogger(__name__)
 
-# Where the MLflow UI of this run is served (set by the embedded local server, or the
-# tracking server itself when it speaks HTTP).
-MLFLOW_UI_ENV = "FEDROUND_MLFLOW_UI_URL"
 # The site metric drawn beside a global metric (the site's own training figure).
 SITE_METRIC = {"accuracy": "train_accuracy", "loss": "train_loss"}
 
@@ -38,7 +36,8 @@ def artifact_key(*parts: str) -> str:
 
 
 def mlflow_ui_url(tracking_uri: str) -> str | None:
-    """The MLflow UI's base URL, or ``None`` when no UI serves this tracking store."""
+    """The MLflow UI's base URL (the embedded local one, or the tracking server itself when
+    it speaks HTTP), or ``None`` when no UI serves this tracking store."""
     url = os.environ.get(MLFLOW_UI_ENV) or (
         tracking_uri if tracking_uri.startswith(("http://", "https://")) else None
     )

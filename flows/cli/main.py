@@ -94,11 +94,11 @@ def look_closer(result: dict[str, Any], state_dir: Path) -> list[str]:
     """Where to see the run: its pages in the running UIs, or how to start them."""
     import os
 
+    from fedround.flows.round_artifacts import mlflow_ui_url
+
     prefect_api = os.environ.get("PREFECT_API_URL", "")
-    mlflow_ui = os.environ.get("FEDROUND_MLFLOW_UI_URL", "")
     tracking = result["mlflow"]["tracking_uri"]
-    if not mlflow_ui and tracking.startswith(("http://", "https://")):
-        mlflow_ui = tracking
+    mlflow_ui = mlflow_ui_url(tracking)
     lines = ["Look closer:"]
     flow_run = result.get("prefect", {}).get("flow_run_id")
     if prefect_api and flow_run:
@@ -113,7 +113,7 @@ def look_closer(result: dict[str, Any], state_dir: Path) -> list[str]:
     experiment = result["mlflow"].get("experiment_id")
     if mlflow_ui and experiment:
         lines.append(
-            f"  MLflow UI    {mlflow_ui.rstrip('/')}/#/experiments/{experiment}/runs/"
+            f"  MLflow UI    {mlflow_ui}/#/experiments/{experiment}/runs/"
             f"{result['mlflow']['run_id']}"
         )
     else:
