@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedround.tasks.core.errors import FedroundError
+from fedround.tasks.core.round_table import site_rows
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -362,26 +363,36 @@ def _rows_of_round(
                 )
             )
         return rows
-    accepted = _mapping(record.get("accepted"))
-    outcomes: list[tuple[str, str, str]] = [(site, "trained", "") for site in accepted]
-    for field, status in (("rejected", "rejected"), ("failed", "failed"), ("left_out", "left out")):
-        outcomes += [(s, status, why) for s, why in _reasons(record.get(field)).items()]
-    named = {site for site, _, _ in outcomes}
+    accepted = {str(s): _count(n) for s, n in _mapping(record.get("accepted")).items()}
+    reasons = {
+        name: _reasons(record.get(name)) for name in ("rejected", "failed", "late", "left_out")
+    }
     selected = [_text(s) for s in record.get("selected") or [] if _text(s)]
-    outcomes += [
-        (site, "failed", "no update and no reason recorded")
-        for site in selected
-        if site not in named
-    ]
-    outcomes += [(s, "excluded", why) for s, why in excluded.items() if s not in named]
-    for which, why in _reasons(record.get("late")).items():
-        site, where = split_late(which, round_)
-        rows.append(SiteRound(site=site, round=where, status="late", reason=why))
-    for site, status, why in outcomes:
-        figures = _figures(site, round_, site_series)
-        if status == "trained":
-            figures["examples"] = _count(accepted[site])
-        rows.append(SiteRound(site=site, round=round_, status=status, reason=why, **figures))
+    touched = {*selected, *accepted, *reasons["rejected"], *reasons["failed"]}
+    touched |= {*reasons["left_out"], *excluded}
+    figures = {site: _figures(site, round_, site_series) for site in touched}
+    for built in site_rows(
+        selected=selected,
+        accepted=accepted,
+        rejected=reasons["rejected"],
+        failed=reasons["failed"],
+        late=reasons["late"],
+        left_out=reasons["left_out"],
+        excluded=excluded,
+        figures={},  # the figures below are the site's metric histories, unbounded
+    ):
+        if built.status == "late":
+            site, where = split_late(built.site, round_)
+            rows.append(SiteRound(site=site, round=where, status="late", reason=built.reason))
+            continue
+        found = dict(figures[built.site])
+        if built.status == "trained":
+            found["examples"] = built.examples
+        rows.append(
+            SiteRound(
+                site=built.site, round=round_, status=built.status, reason=built.reason, **found
+            )
+        )
     return rows
 
 

@@ -73,7 +73,8 @@ def site_rows(
     figures: Mapping[str, SiteFigures],
 ) -> list[SiteRow]:
     """Every site the round touched, in a stable order: selected sites first (as selected),
-    then those left out or excluded, then late updates of earlier rounds."""
+    then sites whose update counted although they were selected earlier, then those left
+    out or excluded, then late updates of earlier rounds."""
 
     def row(site: str, status: str, reason: str = "") -> SiteRow:
         got = figures.get(site, SiteFigures())
@@ -89,7 +90,10 @@ def site_rows(
         )
 
     rows: list[SiteRow] = []
-    for site in selected:
+    # An update may come from a site selected earlier (an asynchronous version folds in
+    # updates trained on older versions): those sites follow the selected ones.
+    named = [*accepted, *rejected, *failed]
+    for site in [*selected, *(s for s in dict.fromkeys(named) if s not in set(selected))]:
         if site in accepted:
             rows.append(row(site, "trained"))
         elif site in rejected:
@@ -98,7 +102,7 @@ def site_rows(
             rows.append(row(site, "failed", failed[site]))
         else:
             rows.append(row(site, "failed", "no update and no reason reported"))
-    seen = set(selected)
+    seen = {r.site for r in rows}
     for site, why in sorted(left_out.items()):
         if site not in seen:
             rows.append(row(site, "left out", why))

@@ -143,3 +143,21 @@ def test_chart_points_take_the_global_metric_and_trained_sites_local_metric() ->
 
 def test_artifact_keys_are_what_prefect_accepts() -> None:
     assert artifact_key("Churn_EU.2", "run-summary") == "churn-eu-2-run-summary"
+
+
+def test_an_update_from_a_site_selected_earlier_still_has_its_row() -> None:
+    rows = site_rows(
+        selected=["b"],
+        accepted={"a": 10, "b": 20},
+        rejected={"c": "stale"},
+        failed={},
+        late={},
+        left_out={},
+        excluded={},
+        figures={},
+    )
+    assert [(r.site, r.status, r.examples) for r in rows] == [
+        ("b", "trained", 20),
+        ("a", "trained", 10),
+        ("c", "rejected", 0),
+    ]
