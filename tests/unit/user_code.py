@@ -49,7 +49,7 @@ def train_sgd(
         loss = nn.functional.cross_entropy(model(data.features), data.labels)
         loss.backward()
         optimizer.step()
-    return {"loss": float(loss), "site_steps": float(settings.local_epochs)}
+    return {"loss": loss.item(), "site_steps": float(settings.local_epochs)}
 
 
 def train_raises(
