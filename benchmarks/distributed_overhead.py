@@ -214,6 +214,7 @@ def main() -> None:
         {
             **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))},
             "FEDROUND_STATE_DIR": str(embedded_state),
+            "FEDROUND_LOCAL_SERVER": "0",  # a temporary server per run, gone with it
         },
     )
     emb_lat = latencies(LocalObjectStore(embedded_state / "objects"), "bench", args.rounds, sites)

@@ -113,6 +113,7 @@ def federated(folder: Path, state: Path, seed: int, rounds: int) -> dict[str, An
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["FEDROUND_STATE_DIR"] = str(state)
+    env["FEDROUND_LOCAL_SERVER"] = "0"  # a temporary server per run, gone with it
     result, seconds = run_cli([str(FEDROUND), "run", str(path), "--json"], env)
     return {**result, "wall_seconds": seconds}
 

@@ -133,6 +133,9 @@ def run_size(sites: int, rounds: int, processes: int) -> dict[str, Any]:
             **os.environ,
             "FEDROUND_STATE_DIR": str(root / "state"),
             "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "ERROR",
+            # a temporary server per run: the long-lived local one would outlive the
+            # temporary folder (and be measured as part of the coordinator's tree)
+            "FEDROUND_LOCAL_SERVER": "0",
         }
         argv = [FEDROUND, "run", str(config), "--json", "--processes", str(processes)]
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:

@@ -152,6 +152,7 @@ def write_configs(folder: Path, rounds: int) -> dict[str, Path]:
 def run(config: Path, state: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["FEDROUND_STATE_DIR"] = str(state)
+    env["FEDROUND_LOCAL_SERVER"] = "0"  # a temporary server per run, gone with it
     result, seconds = run_cli([str(FEDROUND), "run", str(config), "--json"], env)
     return {**result, "wall_seconds": seconds}
 
