@@ -17,8 +17,12 @@ model). The gates of the config's ``promotion:`` section then decide on
   ``recheck``, the canary sites evaluated it again and it still passes;
 - fail: the version is tagged with the gate that failed and the figures; production stays.
 
-Every outcome is appended to the audit log. Two promotions of one model never interleave:
-the second fails at once, naming the holder of the lock (or waits ``lock_wait_s``).
+Every outcome is appended to the audit log, an alias change as an ``intent`` entry before
+it and the outcome after it. Two promotions of one model never interleave: the second
+fails at once, naming the holder of the lock (or waits ``lock_wait_s``). Holding the lock,
+a promotion first repairs any earlier promotion or rollback that died half-way
+(:meth:`~fedround.tasks.lifecycle.Lifecycle.reconcile`); :func:`repair_promotions`
+(``fedround promote --repair``) does only that.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
 from fedround.flows.federated_eval import evaluate_at_site
 from fedround.site_workers.site_round import EvalSpec, SiteEvalResult
 from fedround.tasks import alerts
-from fedround.tasks.audit import AuditLog
+from fedround.tasks.audit import AuditEntry, AuditLog
 from fedround.tasks.config_versioning import config_revision
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import FederationConfig, load_federation_config
@@ -74,6 +78,8 @@ class PromotionResult(BaseModel):
     canary_sites: list[str] = Field(default_factory=list)
     decision: dict[str, Any] | None = None
     audit_sequence: int | None = None
+    # Audit entries written first by reconciling a half-done earlier promotion or rollback.
+    repaired: list[int] = Field(default_factory=list)
     message: str
 
 
@@ -266,8 +272,10 @@ def promote_model(
                 details={"expired_lock": lock.took_over},
                 config_revision=revision.revision,
             )
+        repaired = [entry.sequence for entry in lifecycle.reconcile()]
         with site_dispatcher(config, store):
             result, decision = _promote(config, registry, lifecycle, store, version)
+        result.repaired = repaired
     finally:
         lock.release()
     (logger.info if result.outcome != "rejected" else logger.warning)(result.message)
@@ -417,6 +425,24 @@ def _promote(
         ),
         decision,
     )
+
+
+def repair_promotions(config_path: str, lock_wait_s: float = 0.0) -> list[AuditEntry]:
+    """Finish or abandon every promotion or rollback of the federation's model that died
+    half-way (an ``intent`` in the audit log without its outcome), from the registry's
+    actual aliases; returns the audit entries written (none if nothing was half-done)."""
+    path = Path(config_path)
+    config = load_federation_config(path)
+    revision = config_revision(path, path.parent / config.contract, allow_dirty=True)
+    settings = CoordinatorSettings.from_env()
+    store = open_store(settings.object_store)
+    registry = ModelRegistry(settings.tracking_uri, config.model_name)
+    audit = AuditLog(store, config.federation)
+    lock = promotion_lock(store, config, f"repair {config.model_name}").acquire(lock_wait_s)
+    try:
+        return Lifecycle(registry, audit, lock, revision.revision).reconcile()
+    finally:
+        lock.release()
 
 
 def result_json(result: PromotionResult) -> str:

@@ -8,7 +8,11 @@ against their digests. The rolled-back version is tagged ``rolled_back`` and the
 is appended to the audit log with who, when and why.
 
 A dirty config does not block a rollback (it only names the model and the object store):
-an emergency must not wait for a commit.
+an emergency must not wait for a commit. Nor does a dead promotion: its lock is taken over
+once its lease runs out, at once if it ran on this machine and its process is gone, and
+with ``break_lock`` (``fedround rollback --break-lock --reason TEXT``) right away, audited.
+A promotion that died half-way is repaired first (finished if its alias had moved), so
+the rollback starts from the registry's real state.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from pydantic import BaseModel
 from fedround.flows.promotion import promotion_lock
 from fedround.tasks.audit import AuditLog
 from fedround.tasks.config_versioning import config_revision
-from fedround.tasks.core.config import load_federation_config
-from fedround.tasks.lifecycle import Lifecycle
-from fedround.tasks.object_store import open_store
+from fedround.tasks.core.config import FederationConfig, load_federation_config
+from fedround.tasks.lifecycle import Lifecycle, break_lock_audited
+from fedround.tasks.locks import Lock, LockHeld
+from fedround.tasks.object_store import ObjectStore, open_store
 from fedround.tasks.registry import PRODUCTION, ModelRegistry
 from fedround.tasks.runtime import CoordinatorSettings
 
@@ -39,18 +44,26 @@ class RollbackResult(BaseModel):
 
 
 @flow(name="fedround-rollback", validate_parameters=False)
-def rollback_model(config_path: str, reason: str = "", lock_wait_s: float = 0.0) -> RollbackResult:
-    """Stop a canary in progress, else put the previous production version back."""
+def rollback_model(
+    config_path: str, reason: str = "", lock_wait_s: float = 0.0, break_lock: bool = False
+) -> RollbackResult:
+    """Stop a canary in progress, else put the previous production version back.
+    ``break_lock``: if a promotion's lock is held, break it first (needs a ``reason``)."""
     path = Path(config_path)
     config = load_federation_config(path)
     revision = config_revision(path, path.parent / config.contract, allow_dirty=True)
     settings = CoordinatorSettings.from_env()
     store = open_store(settings.object_store)
     registry = ModelRegistry(settings.tracking_uri, config.model_name)
-    lock = promotion_lock(store, config, f"roll back {config.model_name}").acquire(lock_wait_s)
+    audit = AuditLog(store, config.federation)
+    lock = _take_lock(store, config, audit, reason, lock_wait_s, break_lock)
     try:
-        entry = Lifecycle(registry, AuditLog(store, config.federation), lock, revision.revision)
-        audited = entry.roll_back(reason)
+        lifecycle = Lifecycle(registry, audit, lock, revision.revision)
+        for repaired in lifecycle.reconcile():
+            get_run_logger().warning(
+                "repaired first: audit #%d %s", repaired.sequence, repaired.reason
+            )
+        audited = lifecycle.roll_back(reason)
     finally:
         lock.release()
     stage = str(audited.details.get("stage"))
@@ -77,3 +90,32 @@ def rollback_model(config_path: str, reason: str = "", lock_wait_s: float = 0.0)
         audit_sequence=audited.sequence,
         message=message,
     )
+
+
+def _take_lock(
+    store: ObjectStore,
+    config: FederationConfig,
+    audit: AuditLog,
+    reason: str,
+    wait_s: float,
+    break_lock: bool,
+) -> Lock:
+    lock = promotion_lock(store, config, f"roll back {config.model_name}")
+    try:
+        return lock.acquire(wait_s)
+    except LockHeld as exc:
+        if not break_lock:
+            raise LockHeld(
+                f"{exc} If that holder is gone (a crashed promotion), roll back now with "
+                "--break-lock --reason TEXT"
+            ) from None
+    name = f"promotion-{config.model_name}"
+    entry = break_lock_audited(store, audit, name, reason)
+    get_run_logger().warning(
+        "broke the lock %s of %s (audit #%d): %s",
+        name,
+        entry.details["broken_lock"].get("holder"),
+        entry.sequence,
+        reason,
+    )
+    return lock.acquire(wait_s)

@@ -1,11 +1,13 @@
 """The append-only audit log of model lifecycle actions: who did what, when, and why.
 
-Every promotion, canary, rejection, rollback and lock takeover appends one entry: a JSON
-line in its own object, ``<federation>/audit/<sequence>.jsonl``. Appending is a
-conditional create of the next sequence number, so concurrent writers never overwrite
-each other: the loser of a race takes the following number. Entries are never rewritten;
-each carries the SHA-256 of the entry before it, so a removed or edited entry breaks the
-chain (:meth:`AuditLog.verify`). ``fedround audit`` prints the log as JSON lines.
+Every promotion, canary, rejection, rollback, lock takeover and lock break appends one
+entry (a change of a registry alias two: its ``intent`` before, the outcome after, see
+:mod:`fedround.tasks.lifecycle`): a JSON line in its own object,
+``<federation>/audit/<sequence>.jsonl``. Appending is a conditional create of the next
+sequence number, so concurrent writers never overwrite each other: the loser of a race
+takes the following number. Entries are never rewritten; each carries the SHA-256 of the
+entry before it, so a removed or edited entry breaks the chain (:meth:`AuditLog.verify`).
+``fedround audit`` prints the log as JSON lines.
 
 The chain alone cannot tell a log whose last entries were deleted from a shorter one, so
 every append also moves the log's *head*, ``<federation>/audit/head.json``: the sequence
@@ -42,12 +44,17 @@ from fedround.tasks.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
 
+INTENT = "intent"  # a lifecycle change about to be made (see tasks/lifecycle.py)
+ABANDON = "abandon"  # an intent that stopped before it changed anything
 ACTIONS = (
     "canary",
     "promote",
     "reject",
     "rollback",
     "lock-takeover",
+    "lock-break",
+    INTENT,
+    ABANDON,
 )
 HEAD = "head.json"
 _ENTRY_NAME = re.compile(r"^(\d+)\.jsonl$")
@@ -143,6 +150,13 @@ def _flow_run_id() -> str | None:
     except Exception:  # outside Prefect, or Prefect unavailable
         found = None
     return str(found) if found else os.environ.get("PREFECT__FLOW_RUN_ID")
+
+
+def pending_intents(entries: list[AuditEntry]) -> list[AuditEntry]:
+    """The ``intent`` entries no later entry completes (``details.intent`` names its
+    intent): lifecycle changes that stopped half-way, or are running now."""
+    done = {e.details.get("intent") for e in entries if e.action != INTENT}
+    return [e for e in entries if e.action == INTENT and e.sequence not in done]
 
 
 def render_jsonl(entries: list[AuditEntry]) -> str:

@@ -8,9 +8,18 @@ the object store, with no extra service.
 
 A lock carries a lease (``expires_at``). A holder that died leaves it behind; once it has
 expired, the next caller takes it over with a compare-and-swap (S3 ``If-Match`` on the
-stale object's ETag), again atomic. A holder re-checks that it still owns the lock
-(:meth:`Lock.verify`) right before writing the registry, so a holder that outlived its
-lease fails instead of overwriting its successor's work.
+stale object's ETag), again atomic. So does a caller on the holder's own host (same host
+name and kernel boot) once the holder's process is gone (:func:`holder_gone`): a
+coordinator killed and restarted on one machine need not wait out the lease. A holder
+re-checks that it still owns the lock (:meth:`Lock.verify`) right before writing the
+registry, so a holder that outlived its lease fails instead of overwriting its
+successor's work. A long holder (a training run) extends its lease with
+:meth:`Lock.renew`, the same compare-and-swap on its own object, so a renewal never
+resurrects a lock that was taken over meanwhile.
+
+A lock whose holder is known to be gone can be broken before its lease runs out
+(:func:`break_lock`, ``fedround lock break``): a deliberate act, always with a reason,
+which the caller audits.
 
 Verified on SeaweedFS 4.48 (``weed mini``): six processes racing for each of 100 keys,
 in a plain and in a versioned bucket, produced exactly one winner per key, for both
@@ -22,11 +31,14 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 import secrets
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from fedround.tasks.core.errors import FedroundError, ObjectNotFound
@@ -45,8 +57,6 @@ class LockLost(FedroundError):
 
 def default_holder() -> str:
     """Who is acting: ``FEDROUND_ACTOR`` if set, else ``user@host``."""
-    import os
-
     actor = os.environ.get("FEDROUND_ACTOR")
     if actor:
         return actor
@@ -66,6 +76,9 @@ class Lock:
     purpose: str = ""
     _body: bytes | None = None
     took_over: dict[str, Any] | None = None
+    # Serializes renew / verify / release of this object (a renewal thread beside the
+    # holder's own checks): a check never compares the store with a half-updated body.
+    _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def _new_body(self) -> bytes:
         now = datetime.now(UTC)
@@ -76,9 +89,15 @@ class Lock:
                 "purpose": self.purpose,
                 "acquired_at": now.isoformat(),
                 "expires_at": (now + timedelta(seconds=self.ttl_s)).isoformat(),
+                **_process_identity(),
             },
             sort_keys=True,
         ).encode()
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What this process wrote into the lock (empty if it holds none)."""
+        return _parse(self._body) if self._body is not None else {}
 
     def _describe(self, info: dict[str, Any]) -> str:
         return (
@@ -99,12 +118,15 @@ class Lock:
             return False  # released just now: the caller may try again
         info = _parse(current)
         expires = info.get("expires_at")
-        if expires is None or datetime.fromisoformat(expires) > datetime.now(UTC):
+        expired = expires is not None and datetime.fromisoformat(expires) <= datetime.now(UTC)
+        if not expired and not holder_gone(info):
             return False
         if self.store.replace(self.key, body, current):
-            log.warning("took over an expired lock: %s", self._describe(info))
             self._body = body
-            self.took_over = info
+            if not info.get("broken"):  # a broken lock's tombstone: nobody to take over from
+                why = "its lease ran out" if expired else "its process is gone"
+                log.warning("took over a lock (%s): %s", why, self._describe(info))
+                self.took_over = {**info, "taken_over_because": why}
             return True
         return False
 
@@ -125,34 +147,150 @@ class Lock:
                 )
             time.sleep(poll_s)
 
+    def _lost(self) -> LockLost:
+        return LockLost(
+            f"lost the lock {self.store.uri(self.key)} (its lease of {self.ttl_s:.0f}s ran "
+            "out and another process took it over, or it was broken); nothing was written"
+        )
+
     def verify(self) -> None:
         """Raise :class:`LockLost` unless this process still holds the lock."""
-        try:
-            current = self.store.get(self.key)
-        except ObjectNotFound:
-            current = b""
-        if self._body is None or current != self._body:
-            raise LockLost(
-                f"lost the lock {self.store.uri(self.key)} (its lease of {self.ttl_s:.0f}s ran "
-                "out and another process took it over); nothing was written"
-            )
+        with self._mutex:
+            try:
+                current = self.store.get(self.key)
+            except ObjectNotFound:
+                current = b""
+            if self._body is None or current != self._body:
+                raise self._lost()
+
+    def renew(self) -> None:
+        """Extend the lease by ``ttl_s`` from now, with a compare-and-swap on the object
+        this process wrote (S3 ``If-Match`` on its ETag): raise :class:`LockLost`, writing
+        nothing, if the lock was taken over or broken meanwhile."""
+        with self._mutex:
+            if self._body is None:
+                raise self._lost()
+            info = _parse(self._body)
+            now = datetime.now(UTC)
+            info["expires_at"] = (now + timedelta(seconds=self.ttl_s)).isoformat()
+            info["renewed_at"] = now.isoformat()
+            body = json.dumps(info, sort_keys=True).encode()
+            if not self.store.replace(self.key, body, expected=self._body):
+                raise self._lost()
+            self._body = body
 
     def release(self) -> None:
         """Delete the lock if this process still holds it."""
-        if self._body is None:
-            return
-        try:
-            if self.store.get(self.key) == self._body:
-                self.store.delete(self.key)
-        except ObjectNotFound:
-            pass
-        self._body = None
+        with self._mutex:
+            if self._body is None:
+                return
+            try:
+                if self.store.get(self.key) == self._body:
+                    self.store.delete(self.key)
+            except ObjectNotFound:
+                pass
+            self._body = None
 
     def __enter__(self) -> Lock:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _process_identity() -> dict[str, Any]:
+    """Where the holder runs: host name, kernel boot id (Linux) and process id."""
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid()}
+
+
+def holder_gone(info: dict[str, Any]) -> bool:
+    """Whether the lock's holder is known to be dead: it ran on this host, under this
+    boot of this kernel, and its process no longer exists. Anything less certain (another
+    host, no boot id, a process that exists, even one that reused the pid) is alive:
+    such a lock is only freed by its lease or by :func:`break_lock`."""
+    boot = _boot_id()
+    pid = info.get("pid")
+    if (
+        boot is None
+        or info.get("boot_id") != boot
+        or info.get("host") != socket.gethostname()
+        or not isinstance(pid, int)
+        or pid <= 0
+        or pid == os.getpid()
+    ):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def read_lock(store: ObjectStore, key: str) -> dict[str, Any] | None:
+    """The lock object at ``key`` as a dict (``None`` if nobody holds it)."""
+    try:
+        return _parse(store.get(key, max_bytes=64 * 1024))
+    except ObjectNotFound:
+        return None
+
+
+def lease_expired(info: dict[str, Any]) -> bool:
+    """Whether a lock's lease has run out (an unreadable lock counts as expired)."""
+    try:
+        return datetime.fromisoformat(str(info["expires_at"])) <= datetime.now(UTC)
+    except (KeyError, ValueError):
+        return True
+
+
+def break_lock(store: ObjectStore, key: str, reason: str) -> dict[str, Any]:
+    """Free the lock at ``key`` whoever holds it, and return what it held.
+
+    For a holder known to be gone (a crashed promotion, a killed coordinator) whose lease
+    has not run out yet. Refuses without a reason; the caller writes the audit entry. A
+    lock renewed or taken over while it is broken is left alone (:class:`LockHeld`).
+    """
+    if not reason.strip():
+        raise FedroundError(
+            "breaking a lock needs a reason (--reason TEXT): it goes into the audit log"
+        )
+    try:
+        current = store.get(key, max_bytes=64 * 1024)
+    except ObjectNotFound:
+        raise FedroundError(f"no lock {store.uri(key)}: nothing to break") from None
+    info = _parse(current)
+    if info.get("broken"):
+        raise FedroundError(f"the lock {store.uri(key)} is already broken: nothing to break")
+    # No conditional delete in S3: the lock is swapped (compare-and-swap, atomic against a
+    # renewal or a takeover) for a tombstone whose lease has already run out, which the
+    # next acquire takes over like any expired lock. Deleting it afterwards would race
+    # with that acquire.
+    now = datetime.now(UTC).isoformat()
+    tombstone = json.dumps(
+        {
+            "broken": True,
+            "holder": "nobody (lock broken)",
+            "purpose": f"broken: {reason}",
+            "acquired_at": now,
+            "expires_at": now,
+            "token": secrets.token_hex(16),
+        },
+        sort_keys=True,
+    ).encode()
+    if not store.replace(key, tombstone, expected=current):
+        raise LockHeld(
+            f"the lock {store.uri(key)} changed while breaking it (renewed or taken over): "
+            "its holder may be alive; look again before breaking it"
+        )
+    return info
 
 
 def _parse(data: bytes) -> dict[str, Any]:

@@ -72,6 +72,11 @@ class ObjectStore(ABC):
             return False
         return True
 
+    def trim_versions(self, key: str) -> int:
+        """Delete the noncurrent versions of ``key`` a versioned bucket keeps, leaving the
+        current one; returns how many went. A backend without versions has none (0)."""
+        return 0
+
     # Conditional writes: the primitives behind locks and the append-only audit log. Both
     # are atomic across processes (and, on S3, across machines): of several concurrent
     # callers exactly one succeeds.
@@ -246,6 +251,30 @@ class S3ObjectStore(ObjectStore):
             self.client.remove_object(self.bucket, _check_key(key))
         except Exception as exc:
             raise self._error(key, exc) from exc
+
+    def trim_versions(self, key: str) -> int:
+        from minio.deleteobjects import DeleteObject
+
+        try:
+            found = self.client.list_objects(
+                self.bucket, prefix=_check_key(key), include_version=True
+            )
+            old = [
+                DeleteObject(key, obj.version_id)
+                for obj in found
+                if obj.object_name == key
+                and obj.version_id
+                and str(obj.is_latest).lower() != "true"  # the SDK gives "true"/"false"
+            ]
+            for start in range(0, len(old), 1000):  # DeleteObjects takes up to 1,000 keys
+                failed = list(self.client.remove_objects(self.bucket, old[start : start + 1000]))
+                if failed:
+                    raise ObjectStoreError(f"could not delete {len(failed)} versions: {failed[0]}")
+        except ObjectStoreError:
+            raise
+        except Exception as exc:
+            raise self._error(key, exc) from exc
+        return len(old)
 
     def _conditional_put(self, key: str, data: bytes, condition: _Headers) -> bool:
         # S3 conditional writes (If-None-Match / If-Match). The MinIO SDK's public put_object

@@ -58,6 +58,12 @@ until mc alias set fedround "$MINIO_URL" "$(secret minio_root_user)" "$(secret m
 done
 mc mb --ignore-existing "fedround/$BUCKET" "fedround/$MLFLOW_BUCKET"
 mc version enable "fedround/$BUCKET"
+# Old versions of what sites write under <federation>/updates/ (a session's heartbeat,
+# rewritten every second, keeps ~86,400 a day per site) expire a day after they were
+# replaced; current objects, checkpoints and the audit log are untouched. The coordinator
+# also deletes old heartbeat versions itself (flows/distributed.py): this is the backstop.
+mc ilm rule ls "fedround/$BUCKET" 2>/dev/null | grep -q "$FEDERATION/updates/" ||
+  mc ilm rule add --prefix "$FEDERATION/updates/" --noncurrent-expire-days 1 "fedround/$BUCKET"
 
 work="$(mktemp -d)"
 render coordinator.json "" "$work/coordinator.json"
@@ -68,4 +74,4 @@ for site in $SITES; do
        "$(secret "site_${site}_s3_secret_key")" "$work/site-$site.json"
 done
 rm -rf "$work"
-echo "minio-init: buckets $BUCKET (versioned) and $MLFLOW_BUCKET, coordinator and ${SITES:-no} site users ready"
+echo "minio-init: buckets $BUCKET (versioned, old versions under $FEDERATION/updates/ expire after a day) and $MLFLOW_BUCKET, coordinator and ${SITES:-no} site users ready"

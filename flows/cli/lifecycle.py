@@ -1,5 +1,6 @@
-"""``fedround promote``, ``rollback``, ``lineage``, ``audit`` and ``checkpoints``: the model
-lifecycle on the command line (registered into the ``fedround`` app by ``flows/cli/main.py``).
+"""``fedround promote``, ``rollback``, ``lineage``, ``audit``, ``lock`` and ``checkpoints``:
+the model lifecycle on the command line (registered into the ``fedround`` app by
+``flows/cli/main.py``).
 
 Exit codes: 0 done (promoted, canary started, rolled back, ...), 3 the candidate was
 rejected by a gate, 1 an error (the message says what to do), 2 a config error.
@@ -101,12 +102,28 @@ def promote(
     processes: Annotated[
         int | None, typer.Option(help="Local site worker processes (embedded mode).")
     ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Only repair: finish (if its alias had moved) or record as abandoned (if "
+            "not) every promotion or rollback that died half-way, i.e. an 'intent' audit "
+            "entry without its outcome. Every promotion and rollback does this first anyway.",
+        ),
+    ] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     as_json: AsJson = False,
 ) -> None:
     """Evaluate the candidate and production models at every site and promote the
-    candidate if it passes the federation's gates (or start its canary rollout)."""
+    candidate if it passes the federation's gates (or start its canary rollout).
+
+    An alias change is audited twice: an 'intent' entry before it, the outcome after.
+    A promotion that died in between is repaired from the registry's actual aliases by
+    the next promotion or rollback, or by --repair alone."""
     _settings(state_dir)
+    if repair:
+        _repair(config, wait, as_json)
+        return
     with _errors():
         from fedround.tasks.run_lineage import precheck
 
@@ -131,26 +148,61 @@ def promote(
                 f"  {'pass' if gate['passed'] else 'FAIL'}  {gate['gate']}: {gate['detail']}"
             )
     typer.echo(f"  audit entry #{result.audit_sequence}")
+    if result.repaired:
+        typer.echo(
+            "  repaired first (an earlier change had died half-way): audit entries "
+            + ", ".join(f"#{n}" for n in result.repaired)
+        )
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json")))
     if result.outcome == "rejected":
         raise typer.Exit(REJECTED)
 
 
+def _repair(config: Path, wait: float, as_json: bool) -> None:
+    with _errors():
+        from fedround.flows.promotion import repair_promotions
+
+        written = repair_promotions(str(config.resolve()), lock_wait_s=wait)
+    if not written:
+        typer.echo("fedround: nothing to repair: every promotion and rollback completed")
+    for entry in written:
+        typer.secho(f"  audit entry #{entry.sequence} {entry.action}: {entry.reason}", err=True)
+    if as_json:
+        typer.echo(json.dumps([entry.model_dump(mode="json") for entry in written]))
+
+
 def rollback(
     config: ConfigArg,
     reason: Annotated[str, typer.Option(help="Why (goes into the audit log).")] = "",
     wait: Wait = 0.0,
+    break_lock: Annotated[
+        bool,
+        typer.Option(
+            "--break-lock",
+            help="If a promotion holds the lock (e.g. it crashed and its lease has not run "
+            "out), break the lock first; needs --reason; audited as 'lock-break'.",
+        ),
+    ] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     as_json: AsJson = False,
 ) -> None:
-    """Restore the previous production model (or stop a canary rollout in progress)."""
+    """Restore the previous production model (or stop a canary rollout in progress).
+
+    A promotion that died half-way is repaired first. A dead promotion's lock is taken
+    over once its lease runs out (at once if it ran on this machine and its process is
+    gone); --break-lock --reason TEXT breaks it right away."""
     _settings(state_dir)
     with _errors():
         from fedround.flows.rollback import rollback_model
 
         environment.quiet_known_errors()
-        result = rollback_model(config_path=str(config.resolve()), reason=reason, lock_wait_s=wait)
+        result = rollback_model(
+            config_path=str(config.resolve()),
+            reason=reason,
+            lock_wait_s=wait,
+            break_lock=break_lock,
+        )
     typer.secho(f"fedround: {result.message}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"  audit entry #{result.audit_sequence}")
     if as_json:
@@ -202,6 +254,7 @@ def audit(
         typer.echo(render_jsonl(entries), nl=False)
         if verify:
             check = log.check()
+            check.notes += _half_done(log, model)
             for note in check.notes:
                 typer.secho(f"audit log note: {note}", fg=typer.colors.YELLOW, err=True)
             for problem in check.problems:
@@ -221,6 +274,90 @@ def audit(
                 err=True,
             )
             raise typer.Exit(1)
+
+
+def _half_done(log: Any, model: str | None) -> list[str]:
+    """A note per 'intent' entry without its outcome (a change that died half-way, or
+    one running now)."""
+    from fedround.tasks.audit import pending_intents
+
+    return [
+        f"entry {e.sequence} records the intent to {e.details.get('intends')} {e.model} "
+        f"v{e.version} but no outcome: if no promotion or rollback is running, "
+        "`fedround promote <config> --repair` finishes or abandons it"
+        for e in pending_intents(log.entries(model))
+    ]
+
+
+# --- locks ------------------------------------------------------------------------------
+
+lock_app = typer.Typer(
+    name="lock",
+    help="Show and break the federation's single-writer locks (promotions, training runs).",
+    no_args_is_help=True,
+)
+
+
+@lock_app.command("show")
+def lock_show(
+    federation: Annotated[str, typer.Argument(help="Federation name.")],
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """List the federation's locks: holder, host, process, lease."""
+    settings = _settings(state_dir)
+    with _errors():
+        from fedround.tasks.core import keys
+        from fedround.tasks.locks import lease_expired, read_lock
+        from fedround.tasks.object_store import open_store
+
+        store = open_store(settings.object_store)
+        prefix = keys.lock_key(federation, "x").removesuffix("x.json")
+        found = [key for key in store.list(prefix) if key.endswith(".json")]
+        for key in found:
+            info = read_lock(store, key)
+            if info is None or info.get("broken"):
+                continue
+            state = "expired" if lease_expired(info) else "held"
+            typer.echo(
+                f"{key[len(prefix) : -len('.json')]}  {state}  {info.get('holder', '?')} on "
+                f"{info.get('host', '?')} (pid {info.get('pid', '?')}): "
+                f"{info.get('purpose') or '?'}; since {info.get('acquired_at', '?')}, lease "
+                f"until {info.get('expires_at', '?')}"
+            )
+
+
+@lock_app.command("break")
+def lock_break(
+    federation: Annotated[str, typer.Argument(help="Federation name.")],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="The lock, as `fedround lock show` lists it: promotion-<model>, run-<run id>."
+        ),
+    ],
+    reason: Annotated[
+        str, typer.Option(help="Why its holder is known to be gone (required; audited).")
+    ] = "",
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Break a lock whose holder is gone (a crashed promotion or coordinator) before its
+    lease runs out. Refuses without --reason; the break goes into the audit log. Breaking
+    a live holder's lock makes it stop (it checks its lock before every write)."""
+    settings = _settings(state_dir)
+    with _errors():
+        from fedround.tasks.audit import AuditLog
+        from fedround.tasks.lifecycle import break_lock_audited
+        from fedround.tasks.object_store import open_store
+
+        store = open_store(settings.object_store)
+        entry = break_lock_audited(store, AuditLog(store, federation), name, reason)
+    broken = entry.details["broken_lock"]
+    typer.secho(
+        f"fedround: broke the lock {entry.details['uri']} of {broken.get('holder', '?')} "
+        f"({broken.get('purpose') or '?'}); audit entry #{entry.sequence}",
+        fg=typer.colors.YELLOW,
+        err=True,
+    )
 
 
 # --- checkpoints ------------------------------------------------------------------------
@@ -404,4 +541,5 @@ def register(app: typer.Typer) -> None:
     app.command()(rollback)
     app.command()(lineage)
     app.command()(audit)
+    app.add_typer(lock_app)
     app.add_typer(checkpoints_app)

@@ -183,7 +183,7 @@ def test_promote_fine_tune_lineage_and_rollback(
     audit = engineer("audit", FEDERATION, "--verify")
     assert audit.returncode == 0, audit.stderr
     actions = [json.loads(line)["action"] for line in audit.stdout.splitlines()]
-    assert actions == ["promote", "promote", "rollback"]
+    assert actions == ["intent", "promote", "intent", "promote", "intent", "rollback"]
     assert "audit log intact" in audit.stderr
 
     pruned = engineer(

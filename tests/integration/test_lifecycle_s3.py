@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -307,3 +308,76 @@ def test_a_bounded_read_on_s3_stops_at_the_limit_and_the_client_stays_usable(
     store.put(key, b'{"beat": 4}')
     for _ in range(3):  # the pooled connections still work
         assert store.get(key, max_bytes=65_536) == b'{"beat": 4}'
+
+
+# --- the run lease and lock breaking on S3 (If-Match on the lock's ETag) -------------------
+
+
+def test_run_lease_renews_refuses_a_second_coordinator_and_is_taken_over_on_s3(
+    s3_service: Endpoints,
+) -> None:
+    from fedround.tasks.locks import LockLost, break_lock
+    from fedround.tasks.run_lock import RunLease, RunLocked
+
+    store = admin_store(s3_service)
+    federation = f"lease-{uuid.uuid4().hex[:8]}"
+    first = RunLease(store, federation, "r1", ttl_s=1.5).acquire()
+    try:
+        time.sleep(2.5)  # the background renewal keeps it past its first lease
+        first.check()
+        with pytest.raises(RunLocked, match=f"run r1 of federation {federation}"):
+            RunLease(store, federation, "r1", holder="bob@other").acquire()
+        # the holder is gone (say): an operator breaks the lock; the holder stops writing
+        break_lock(store, keys.lock_key(federation, "run-r1"), "coordinator host lost")
+        with pytest.raises(LockLost):
+            first.check()
+        second = RunLease(store, federation, "r1", holder="bob@other").acquire()
+        assert second.lock.took_over is None  # a broken lock is nobody's
+        second.release()
+    finally:
+        first.release()
+    assert not store.exists(keys.lock_key(federation, "run-r1"))
+
+
+# --- heartbeats in a versioned bucket -------------------------------------------------------
+
+
+def test_old_heartbeat_versions_are_deleted_by_the_coordinator_on_s3(
+    s3_service: Endpoints,
+) -> None:
+    """Measured: every heartbeat keeps a version (the bucket is versioned); the coordinator
+    deletes the old ones while the run lasts and when it closes, keeping the current one."""
+    from fedround.flows.distributed import DistributedDispatcher, _Session
+    from fedround.site_workers.session import Heartbeat
+
+    store = admin_store(s3_service)
+    assert versioning_status(store) == "Enabled"
+    federation = f"beats-{uuid.uuid4().hex[:8]}"
+    config = parse_federation_config(
+        f"federation: {federation}\ncontract: c.json\nsites: [{{name: site-a}}, {{name: site-b}}]\n"
+    )
+    dispatcher = DistributedDispatcher(config, store, run_id="r1")
+    beats: dict[str, str] = {}
+    for site in ("site-a", "site-b"):
+        dispatcher.sessions[site] = _Session(attempt=1, started_at=time.monotonic())
+        beats[site] = keys.session_key(federation, "r1", site, 1)
+        with Heartbeat(store, beats[site], {"attempt": 1}, interval=0.01) as beat:
+            while beat.beats < 30:
+                time.sleep(0.01)
+
+    def versions(key: str) -> int:
+        listed = store.client.list_objects(store.bucket, prefix=key, include_version=True)
+        return sum(1 for v in listed if v.object_name == key)
+
+    assert all(versions(key) >= 30 for key in beats.values())  # they do pile up
+
+    # while the run lasts: a live session's heartbeat is trimmed at most every few minutes
+    dispatcher.sessions["site-a"].trimmed_at = time.monotonic() - 301
+    assert dispatcher._alive_or_joining("site-a")
+    assert versions(beats["site-a"]) == 1
+    assert json.loads(store.get(beats["site-a"]))["beat"] >= 30  # the newest one stays
+    assert versions(beats["site-b"]) >= 30
+
+    dispatcher.close_run("finished")  # at the end: every session of the run
+    assert [versions(key) for key in beats.values()] == [1, 1]
+    assert json.loads(store.get(beats["site-b"]))["beat"] >= 30

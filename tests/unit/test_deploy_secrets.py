@@ -816,3 +816,6 @@ def test_minio_init_refuses_placeholder_secrets_before_touching_minio(
     done = init()
     assert done.returncode == 0, done.stderr
     assert "user add fedround" in calls.read_text()
+    # old versions of what sites write (heartbeats every second) expire after a day
+    rule = "ilm rule add --prefix mnist-demo/updates/ --noncurrent-expire-days 1 fedround/fedround"
+    assert rule in calls.read_text()
