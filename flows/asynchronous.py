@@ -54,6 +54,7 @@ from fedround.tasks.core.round_table import SiteFigures, site_rows
 from fedround.tasks.core.strategies import BufferedAsync, NormClipping, build_optimizer
 from fedround.tasks.core.validation import UpdateExpectation, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
+from fedround.tasks.site_keys import signing_keys
 from fedround.tasks.tracking import RunTracker
 
 FEDBUFF_STATE = "fedbuff"
@@ -206,6 +207,9 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
             max_bytes=config.limits.max_update_bytes,
             max_num_examples=ctx.max_examples.get(site, 1),
             max_norm=config.limits.max_update_norm,
+            signing_keys=signing_keys(
+                store, config.federation, [site], config.limits.require_signatures
+            )[site],
         )
         try:
             manifest, delta = read_update(store, expectation)

@@ -256,7 +256,9 @@ def embedded_federation(
     """
     from fedround.flows import environment
     from fedround.site_workers.demo_sites import provision_demo_sites
+    from fedround.site_workers.signing_key import provision_site_keys
     from fedround.tasks.core.config import load_federation_config
+    from fedround.tasks.object_store import open_store
     from fedround.tasks.runtime import CoordinatorSettings
 
     booting = environment.start_prefect_early()
@@ -266,6 +268,8 @@ def embedded_federation(
         site_configs = own_site_configs(config, config_path)
     else:
         site_configs = provision_demo_sites(config, settings)
+    # One machine: each site gets a signing key if it has none, its public key registered.
+    provision_site_keys(site_configs, open_store(settings.object_store), config.federation)
     dispatcher = EmbeddedDispatcher(site_configs, processes or settings.site_processes)
     dispatcher.warm_up()
     token = current_dispatcher.set(dispatcher)

@@ -38,6 +38,7 @@ from fedround.tasks.object_store import ObjectStoreSettings
 
 from .data import TABLE_SUFFIXES, DataError, read_array_file, read_table
 from .settings import SiteSettings, load_site_settings, write_site_settings
+from .signing_key import SIGNING_KEY_SUFFIX, ensure_signing_key_file, load_signing_key
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,8 @@ class SiteInit:
     path: Path
     data: dict[str, str]  # file name -> what it holds
     credentials: str
+    key_id: str = ""  # the site's signing key: its public half, to register
+    public_key: str = ""
 
 
 def init_site(
@@ -226,12 +229,21 @@ def init_site(
             object_store=store,
             work_pool=work_pool,
             prefect_api_url=prefect_api_url,
+            signing_key_file=out.with_name(f"{out.stem}{SIGNING_KEY_SUFFIX}").resolve(),
         )
     except ValidationError as exc:
         message = format_validation_error("site init", exc).replace("\n", "; ")
         raise OnboardingError(message) from None
+    key = ensure_signing_key_file(settings)  # kept when it exists: re-init keeps the key
     write_site_settings(out, settings)
-    return SiteInit(settings=settings, path=out, data=described, credentials=credentials)
+    return SiteInit(
+        settings=settings,
+        path=out,
+        data=described,
+        credentials=credentials,
+        key_id=key.key_id,
+        public_key=key.public_key,
+    )
 
 
 # --- site check --------------------------------------------------------------------------
@@ -413,6 +425,7 @@ def _dry_step(
     from fedround.tasks.core.models import build_model
     from fedround.tasks.core.preprocessing import bound_summary, merge_summaries
     from fedround.tasks.core.serialization import sha256_hex, weights_to_bytes
+    from fedround.tasks.core.signing import sign_manifest
     from fedround.tasks.core.usercode import RoundContext, SiteDataset, resolve_model_config
     from fedround.tasks.core.validation import UpdateExpectation, tensor_specs, validate_update
 
@@ -495,6 +508,15 @@ def _dry_step(
         nbytes=len(payload),
         metrics={**local.metrics, "train_seconds": local.seconds},
     )
+    signing_key = load_signing_key(settings)
+    if signing_key is None:
+        notes.append(
+            "this site has no signing key: a coordinator that requires signatures (the "
+            "default) rejects its updates; `fedround site init` or `fedround keys rotate` "
+            "makes one"
+        )
+    else:
+        manifest = sign_manifest(manifest, signing_key)
     expected = UpdateExpectation(
         federation=config.federation,
         run_id=DRY_RUN_ID,

@@ -47,6 +47,11 @@ class SiteSettings(BaseModel):
         "(SCAFFOLD's control variate, compression residuals); defaults to "
         "<data_dir>/.fedround-state",
     )
+    signing_key_file: Path | None = Field(
+        None,
+        description="the site's Ed25519 private key (mode 0600; $FEDROUND_SITE_SIGNING_KEY "
+        "takes precedence); defaults to <state_dir>/signing.key",
+    )
     threads: int = Field(1, ge=1, description="torch threads for local training")
     work_pool: str | None = Field(None, description="defaults to '<federation>-<site>'")
     prefect_api_url: str | None = Field(None, description="defaults to $PREFECT_API_URL")
@@ -63,6 +68,10 @@ class SiteSettings(BaseModel):
     @property
     def site_state_dir(self) -> Path:
         return self.state_dir or self.data_dir / ".fedround-state"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key_file or self.site_state_dir / "signing.key"
 
     @property
     def train_path(self) -> Path:
@@ -93,6 +102,8 @@ def load_site_settings(path: Path) -> SiteSettings:
     update: dict[str, object] = {"data_dir": data_dir.resolve(), "object_store": store}
     if settings.state_dir is not None and not settings.state_dir.is_absolute():
         update["state_dir"] = (base / settings.state_dir).resolve()
+    if settings.signing_key_file is not None and not settings.signing_key_file.is_absolute():
+        update["signing_key_file"] = (base / settings.signing_key_file).resolve()
     refuse_placeholder_site_credentials(settings, path)
     return settings.model_copy(update=update)
 

@@ -36,7 +36,7 @@ from fedround.tasks.core.limits import UPDATE_MANIFEST_MAX_BYTES
 from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.serialization import Weights
 from fedround.tasks.core.strategies import AggregationError, Strategy
-from fedround.tasks.core.validation import UpdateExpectation, validate_update
+from fedround.tasks.core.validation import UpdateExpectation, check_signature, validate_update
 from fedround.tasks.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def read_update(
             raise UpdateRejected(RejectReason.MALFORMED, f"manifest: {exc}") from exc
         except ValueError as exc:
             raise UpdateRejected(RejectReason.MALFORMED, f"manifest is not valid: {exc}") from exc
+        check_signature(manifest, expected)  # before anything else is read or trusted
     try:  # one bounded read: never the whole of an oversized object, no size-then-read race
         payload = store.get(update_key, max_bytes=expected.max_bytes)
     except ObjectTooLarge as exc:

@@ -99,9 +99,12 @@ def demo_provision(
     own S3 credentials (it may read the federation's global models and write only its own
     updates) and the Prefect API URL, ready for `fedround site start`.
     """
+    from pydantic import SecretStr
+
     from fedround.site_workers.demo_sites import provision_demo_sites
+    from fedround.site_workers.signing_key import provision_site_keys
     from fedround.tasks.core.config import load_federation_config
-    from fedround.tasks.object_store import ObjectStoreSettings
+    from fedround.tasks.object_store import ObjectStoreSettings, open_store
     from fedround.tasks.runtime import CoordinatorSettings, state_dir_from_env
 
     try:
@@ -110,18 +113,29 @@ def demo_provision(
         state = state_dir_from_env()
         site_store = None
         api_url = os.environ.get("PREFECT_API_URL")
+        coordinator_store = settings.object_store
         if (state / "services" / "endpoints.json").exists():
             from fedround.flows.services import stack
 
             credentials = stack.add_site_identities(
                 state, loaded.federation, [s.name for s in loaded.sites]
             )
-            api_url = stack.load_endpoints(state).prefect_api_url
+            endpoints = stack.load_endpoints(state)
+            api_url = endpoints.prefect_api_url
+            coordinator_store = ObjectStoreSettings(  # where the coordinator reads keys
+                kind="s3",
+                endpoint=endpoints.s3_endpoint,
+                bucket=endpoints.s3_bucket,
+                region=endpoints.s3_region,
+                access_key=endpoints.admin_access_key,
+                secret_key=SecretStr(endpoints.admin_secret_key),
+            )
 
             def site_store(site: str) -> ObjectStoreSettings:
                 return ObjectStoreSettings.model_validate(credentials[site].object_store_settings())
 
         paths = provision_demo_sites(loaded, settings, site_store, api_url)
+        provision_site_keys(paths, open_store(coordinator_store), loaded.federation)
     except FedroundError as exc:
         _fail(str(exc))
     typer.echo(f"{len(paths)} sites of {loaded.federation}; start each one's worker with:")

@@ -279,6 +279,7 @@ COMMAND_MODULES: list[str] = [
     "fedround.flows.cli.contract",
     "fedround.flows.cli.privacy",
     "fedround.flows.cli.report",
+    "fedround.flows.cli.keys",
 ]
 
 

@@ -109,6 +109,10 @@ def site_init(
         f"  store        {settings.object_store.kind}: {where}",
         f"  credentials  {done.credentials}",
         f"  work pool    {settings.pool}",
+        f"  signing key  {settings.signing_key_path} (mode 0600, key id {done.key_id})",
+        "register this site's public key at the coordinator:",
+        f"  fedround keys register --federation {settings.federation} --site {settings.site} "
+        f"--public-key {done.public_key}",
         "next:",
         f"  fedround site check --config {out} --federation-config <federation.yaml>",
         f"  fedround site start --config {out}",

@@ -53,6 +53,9 @@ class RejectReason(StrEnum):
     NORM_TOO_LARGE = "norm_too_large"
     BAD_EXAMPLE_COUNT = "bad_example_count"
     BAD_ENCODING = "bad_encoding"  # a compressed update that cannot be decoded
+    UNSIGNED = "unsigned"  # no signature, and signatures are required
+    UNKNOWN_KEY = "unknown_key"  # signed with a key not registered (or retired) for the site
+    FORGED = "forged"  # the signature does not verify: altered, or not the site's
 
 
 class UpdateRejected(FedroundError):

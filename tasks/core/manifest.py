@@ -41,6 +41,11 @@ class UpdateManifest(_Frozen):
     # How the payload is encoded (see compression.py): dense, q8, topk or topk+q8. Older
     # manifests have no such field: their updates are dense.
     encoding: str = "dense"
+    # Ed25519 signature over the identifying fields (see signing.py), and the id of the
+    # site key that made it. Older manifests have neither: unsigned, accepted only where
+    # signatures are not required.
+    key_id: str | None = None
+    signature: str | None = None
 
     @classmethod
     def from_json(cls, data: bytes) -> UpdateManifest:

@@ -16,6 +16,7 @@ from .compression import decode_update
 from .errors import RejectReason, UpdateRejected
 from .manifest import UpdateManifest
 from .serialization import Weights, sha256_hex, weights_from_bytes
+from .signing import RegisteredKey, verify_manifest
 from .strategies.scaffold import CONTROL_PREFIX, control_key, control_names
 
 
@@ -55,10 +56,20 @@ class UpdateExpectation:
     max_bytes: int
     max_num_examples: int
     max_norm: float | None = None
+    # The site's registered public keys when signatures are required (an empty tuple: none
+    # registered, every update rejected); None: signatures are not checked.
+    signing_keys: tuple[RegisteredKey, ...] | None = None
 
 
 def _reject(reason: RejectReason, detail: str) -> UpdateRejected:
     return UpdateRejected(reason, detail)
+
+
+def check_signature(manifest: UpdateManifest, expected: UpdateExpectation) -> None:
+    """The manifest is signed by one of the site's registered keys (when required): run
+    first, before the manifest's fields are trusted or its payload is read."""
+    if expected.signing_keys is not None:
+        verify_manifest(manifest, expected.signing_keys)
 
 
 def check_manifest(manifest: UpdateManifest, expected: UpdateExpectation) -> None:

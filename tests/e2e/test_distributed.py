@@ -160,6 +160,8 @@ def federation(
     local_services: Endpoints, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Federation]:
     from fedround.site_workers.demo_sites import provision_demo_sites
+    from fedround.site_workers.signing_key import provision_site_keys
+    from fedround.tasks.object_store import open_store
     from fedround.tasks.runtime import CoordinatorSettings
 
     state = tmp_path_factory.mktemp("distributed")
@@ -176,6 +178,15 @@ def federation(
         return ObjectStoreSettings.model_validate(creds.object_store_settings())
 
     paths = provision_demo_sites(config, settings, site_store, local_services.prefect_api_url)
+    admin = ObjectStoreSettings(  # the coordinator's store: it holds the sites' public keys
+        kind="s3",
+        endpoint=local_services.s3_endpoint,
+        bucket=local_services.s3_bucket,
+        region=local_services.s3_region,
+        access_key=local_services.admin_access_key,
+        secret_key=local_services.admin_secret_key,
+    )
+    provision_site_keys(paths, open_store(admin), FEDERATION)
     fed = Federation(local_services, state, paths)
     deployed = subprocess.run(
         [FEDROUND, "deploy", str(BASE), "--project-dir", str(REPO)],
