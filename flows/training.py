@@ -60,6 +60,7 @@ from fedround.tasks.core import keys
 from fedround.tasks.core.config import (
     FederationConfig,
     ModelConfig,
+    PrivacyConfig,
     StrategyConfig,
     load_contract_suite,
     load_federation_config,
@@ -77,18 +78,28 @@ from fedround.tasks.core.limits import UPDATE_MANIFEST_MAX_BYTES
 from fedround.tasks.core.manifest import CheckpointManifest, GlobalManifest, UpdateManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.preprocessing import Preprocessor, bound_summary, merge_summaries
+from fedround.tasks.core.privacy.dp_fedavg import wrap_strategy
+from fedround.tasks.core.privacy.ledger import BudgetExceeded, BudgetReached
 from fedround.tasks.core.reputation import Reputation, split_state
 from fedround.tasks.core.round_table import RunOverview, SiteFigures, SiteRow, site_rows
 from fedround.tasks.core.selection import derive_seed, select_sites
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
-from fedround.tasks.core.strategies import build_strategy
+from fedround.tasks.core.strategies import Strategy, build_strategy
 from fedround.tasks.core.usercode import load_callable, resolve_model_config
 from fedround.tasks.core.validation import UpdateExpectation, check_manifest, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
+from fedround.tasks.privacy_ledger import (
+    check_before_run,
+    privacy_tags,
+    record_round,
+    round_fits,
+)
 from fedround.tasks.registry import register_candidate, registered_by_run
 from fedround.tasks.retry import only_transient
 from fedround.tasks.run_lineage import TrainingLineage
+from fedround.tasks.run_lock import check_run_lease, hold_run_lock
 from fedround.tasks.runtime import CoordinatorSettings
+from fedround.tasks.site_keys import signing_keys
 from fedround.tasks.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -191,13 +202,24 @@ def aggregate(
     global_weights: Weights,
     expectations: dict[str, UpdateExpectation],
     population: int | None = None,
+    privacy: PrivacyConfig | None = None,
+    dp_sites: int = 0,
+    dp_seed: int | None = None,
 ) -> tuple[AggregationOutcome, dict[str, Any]]:
     """Validate the round's updates and aggregate them with the configured strategy,
     resumed from its checkpointed state (server momentum, optimizer moments, SCAFFOLD's
-    control variate); ``population``: the federation's site count (SCAFFOLD's N)."""
+    control variate); ``population``: the federation's site count (SCAFFOLD's N).
+    With ``privacy`` on, DP-FedAvg wraps the strategy (``dp_sites``: the round's selected
+    sites, its fixed denominator; ``dp_seed``: None for secret noise)."""
     strategy = build_strategy(strategy_config, population)
     strategy.load_state_dict(split_state(strategy_state)[0])  # the run's reputation aside
-    outcome = aggregate_updates(open_store(store_settings), strategy, global_weights, expectations)
+    folding: Strategy = strategy
+    if privacy is not None and privacy.enabled:
+        assert privacy.noise_multiplier is not None and privacy.clip_norm is not None
+        folding = wrap_strategy(
+            strategy, privacy.mode, privacy.noise_multiplier, privacy.clip_norm, dp_sites, dp_seed
+        )
+    outcome = aggregate_updates(open_store(store_settings), folding, global_weights, expectations)
     if outcome.clipped or outcome.unselected:
         get_run_logger().info(
             "aggregate: clipped %s (bound %.4g, median norm %.4g); left out by %s: %s",
@@ -232,7 +254,13 @@ def evaluate_global(ctx: RunContext, weights: Weights) -> dict[str, float] | Non
     )
 
 
-@task(name="checkpoint", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 2, 5])
+@task(
+    name="checkpoint",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 2, 5],
+    retry_condition_fn=only_transient,  # a lost run lease is final
+)
 def checkpoint(
     ctx: RunContext,
     round_: int,
@@ -241,6 +269,7 @@ def checkpoint(
     metrics: dict[str, float],
     sites: list[str],
 ) -> CheckpointManifest:
+    check_run_lease(ctx.config.federation, ctx.run_id)  # one coordinator per run
     return save_checkpoint(
         open_store(ctx.settings.object_store),
         federation=ctx.config.federation,
@@ -318,6 +347,7 @@ def round_spec(
         data=config.data,
         strategy=config.strategy,
         compression=config.compression,
+        privacy=config.privacy,
         preprocessing_sha256=ctx.preprocessing_sha256,
         control_sha256=control_sha256,
         context=run_context.current_fields(),
@@ -416,6 +446,9 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         config.seed,
         round_,
     )
+    over = round_fits(store, config, ctx.run_id, round_, selected)
+    if over is not None:
+        raise BudgetReached(f"round {round_} would exceed it: {over.refusal()}")
     evaluators = set(evaluating_sites(selected, config.evaluation.federated, config.seed, round_))
     specs = [
         round_spec(ctx, round_, site, announced, control_sha256, site in evaluators)
@@ -437,6 +470,9 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     for site, reason in failed.items():
         logger.warning("site %s left out of round %d: %s", site, round_, reason)
     tensors = tensor_specs(previous.weights, control=scaffold)
+    site_keys = signing_keys(
+        store, config.federation, [*done, *failed], config.limits.require_signatures
+    )
     expectations = {
         site: UpdateExpectation(
             federation=config.federation,
@@ -448,6 +484,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
             max_bytes=config.limits.max_update_bytes,
             max_num_examples=ctx.max_examples.get(site, 1),
             max_norm=config.limits.max_update_norm,
+            signing_keys=site_keys[site],
         )
         for site in [*done, *failed]
     }
@@ -458,6 +495,13 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         previous.weights,
         {site: expectations[site] for site in done},
         population=len(config.sites),
+        privacy=config.privacy,
+        dp_sites=len(selected),
+        dp_seed=(
+            None
+            if config.privacy.noise_seed is None
+            else derive_seed(config.privacy.noise_seed, "dp-noise", round_)
+        ),
     )
     late = {}
     if expectations:
@@ -490,6 +534,10 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     assert set(metrics) == CHECKPOINTED_COUNTS  # final_metrics tells them from evaluation's
     if evaluation is not None:
         metrics.update(evaluation)
+    if config.privacy.enabled:  # spend, then release: recorded before the checkpoint
+        spent = record_round(store, config, ctx.run_id, round_, selected)
+        metrics["privacy_epsilon"] = spent
+        logger.info("round %d: privacy spent by this run ε=%.4g", round_, spent)
     committed = _named(checkpoint, round_, "checkpoint")(
         ctx, round_, outcome.weights, strategy_state, metrics, sorted(outcome.accepted)
     )
@@ -697,7 +745,8 @@ def train_federation(
     lineage = TrainingLineage.prepare(
         Path(config_path), run_id, settings.tracking_uri, init_from, allow_dirty
     )
-    with lineage.context():
+    run_store = open_store(settings.object_store)
+    with lineage.context(), hold_run_lock(run_store, lineage.config.federation, run_id):
         dispatcher = current_dispatcher.get(None)
         if dispatcher is not None:
             return _train(config_path, run_id, lineage)
@@ -767,6 +816,8 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
     config_sha256 = sha256_hex(path.read_bytes())
     _tag_flow_run(config)
     store = open_store(settings.object_store)
+    # Refused before it starts: a broken ledger, or a planned spend past the budget.
+    check_before_run(store, config, run_id, committed_rounds(store, config.federation, run_id))
     suite = load_contract_suite(path, config)
     store.put(keys.contract_key(config.federation, run_id), json.dumps(suite).encode())
     store.put(keys.data_spec_key(config.federation, run_id), config.data.model_dump_json().encode())
@@ -830,7 +881,14 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
         )
         setup_seconds = time.perf_counter() - started
         summaries = _run_rounds(ctx, first=start.round + 1)
-        final = load_checkpoint(store, config.federation, run_id, config.rounds)
+        # A privacy budget may stop the run early: the last committed round is its model.
+        final_round = max(committed_rounds(store, config.federation, run_id))
+        if final_round == 0:
+            raise BudgetExceeded("the privacy budget left no round to train: nothing to register")
+        final = load_checkpoint(store, config.federation, run_id, final_round)
+        spent = privacy_tags(store, config, run_id)
+        if spent:
+            tracker.set_tags(spent)
         final_evaluation = evaluate_final(tracker, store, ctx, final.weights)
         lineage_tags, parent = lineage.version_tags(tracker)
         registered = registered_by_run(tracker) or register_candidate(
@@ -845,7 +903,8 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
                 "fedround.run_id": run_id,
                 "fedround.config_sha256": config_sha256,
                 "fedround.weights_sha256": final.manifest.weights_sha256,
-                "fedround.rounds": str(config.rounds),
+                "fedround.rounds": str(final_round),
+                **spent,
                 "fedround.sites": ",".join(final.manifest.sites),
                 "fedround.accuracy": f"{final.manifest.metrics.get('accuracy', float('nan')):.4f}",
                 f"fedround.{config.evaluation.metric}": (
@@ -1034,4 +1093,10 @@ def _rounds(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
         return
     pending_late: set[tuple[int, str]] = set()
     for round_ in range(first, ctx.config.rounds + 1):
-        yield run_round(ctx, round_, pending_late)
+        try:
+            summary = run_round(ctx, round_, pending_late)
+        except BudgetReached as exc:
+            # Stop cleanly after the last round that fits; the run registers that model.
+            get_run_logger().warning("stopping before round %d: %s", round_, exc)
+            return
+        yield summary

@@ -25,6 +25,7 @@ from fedround.tasks.core.config import (
     DataConfig,
     EvaluationConfig,
     ModelConfig,
+    PrivacyConfig,
     StrategyConfig,
     TrainingConfig,
 )
@@ -37,6 +38,7 @@ from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.preprocessing import Preprocessor
 from fedround.tasks.core.serialization import sha256_hex, weights_from_bytes, weights_to_bytes
+from fedround.tasks.core.signing import sign_manifest
 from fedround.tasks.core.usercode import (
     RoundContext,
     UserCodeError,
@@ -53,6 +55,7 @@ from .data import DataError, load_dataset
 from .flower import flower_client
 from .scaffold import prepare_variate
 from .settings import SiteSettings
+from .signing_key import load_signing_key
 from .training import train_locally
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ class RoundSpec(BaseModel):
     data: DataConfig = DataConfig()
     strategy: StrategyConfig = StrategyConfig()
     compression: CompressionConfig = CompressionConfig()
+    # Differential privacy: the site clips its update (central) or clips and noises it (local).
+    privacy: PrivacyConfig = PrivacyConfig()
     # The run's federated preprocessor (tables): the site fetches it and checks this digest.
     preprocessing_sha256: str | None = None
     # SCAFFOLD: the server's control variate for the round, published beside the global
@@ -213,7 +218,7 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         num_classes=data.num_classes,
         extra={"data_path": str(settings.train_path)},
     )
-    hooks = hooks_for(spec.strategy, global_weights)
+    hooks = hooks_for(spec.strategy, global_weights, spec.privacy, spec.seed)
     variate = prepare_variate(store, settings, spec, global_weights)  # SCAFFOLD only
     if variate is not None:
         hooks = [*hooks, variate.hook]
@@ -251,6 +256,9 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         metrics=metrics,
         encoding=upload.encoding,
     )
+    signing_key = load_signing_key(settings)
+    if signing_key is not None:
+        manifest = sign_manifest(manifest, signing_key)
     update_key = keys.update_key(spec.federation, spec.run_id, spec.round, spec.site)
     manifest_key = keys.update_manifest_key(spec.federation, spec.run_id, spec.round, spec.site)
     store.put(update_key, payload)  # data first, manifest last: a manifest means complete

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from fedround.tasks.audit import AuditLog
+from fedround.tasks.audit import INTENT, AuditLog, pending_intents
 from fedround.tasks.checkpoints import MANIFEST, load_checkpoint
 from fedround.tasks.core import keys
 from fedround.tasks.core.errors import CheckpointError, ObjectNotFound
@@ -193,7 +193,9 @@ def build_lineage(
         }
         privacy = {
             **{
-                k.removeprefix(TAG): v for k, v in run_tags.items() if k.startswith(f"{TAG}privacy")
+                k.removeprefix(TAG): v
+                for k, v in {**run_tags, **tags}.items()  # the version's own tags last
+                if k.startswith(f"{TAG}privacy")
             },
             **{k: v for k, v in metrics.items() if k.startswith(("privacy", "dp_", "dp."))},
         }
@@ -208,10 +210,13 @@ def build_lineage(
             lineage.weights_sha256,
             verify_checkpoints,
         )
+        entries = AuditLog(store, lineage.federation).entries(model=model)
+        half_done = {e.sequence for e in pending_intents(entries)}  # completed ones: noise
         lineage.promotions = [
             e.model_dump(mode="json")
-            for e in AuditLog(store, lineage.federation).entries(model=model)
-            if e.version == version or e.previous_production == version
+            for e in entries
+            if (e.version == version or e.previous_production == version)
+            and (e.action != INTENT or e.sequence in half_done)
         ]
     return lineage
 

@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
@@ -208,6 +209,82 @@ def calibrate_command(
         f"{_plan(spend, with_sigma=False)}; ε = {_up(spend.epsilon, 5)} at σ = {_up(sigma, 7)}"
         f"\n{SIGMA_MEANING}"
     )
+
+
+@privacy_app.command("ledger")
+def ledger_command(
+    tenant: Annotated[str, typer.Argument(help="The tenant whose privacy ledger to print.")],
+    site: Annotated[
+        str | None, typer.Option("--site", metavar="SITE", help="A site's ledger instead.")
+    ] = None,
+    delta: Annotated[
+        str, typer.Option("--delta", metavar="FLOAT", help="δ at which to report ε.")
+    ] = "1e-5",
+    accountant: AccountantOption = "pld",
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            envvar="FEDROUND_STATE_DIR",
+            help="Where Prefect, MLflow, the object store and run results live.",
+        ),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Print a tenant's (or one site's) privacy-budget ledger, verified: one entry per
+    committed round, and the ε all of them spend together.
+
+    Exits 1 if the ledger is missing entries, truncated or tampered with."""
+    from fedround.flows import environment
+    from fedround.tasks.core.errors import FedroundError
+    from fedround.tasks.core.privacy import accountant_named
+    from fedround.tasks.core.privacy.ledger import spent_epsilon
+    from fedround.tasks.object_store import open_store
+    from fedround.tasks.privacy_ledger import PrivacyLedger
+    from fedround.tasks.runtime import DEFAULT_STATE_DIR, CoordinatorSettings
+
+    d = _number("delta", delta)
+    _quiet_library()
+    with _errors():
+        named = accountant_named(accountant)
+        if not 0 < d < 1:
+            from fedround.tasks.core.privacy import PrivacyParameterError
+
+            raise PrivacyParameterError("delta", f"must be in (0, 1) (got {d})")
+    environment.configure((state_dir or DEFAULT_STATE_DIR).resolve())
+    settings = CoordinatorSettings.from_env()
+    ledger = PrivacyLedger(open_store(settings.object_store), tenant, site)
+    try:
+        entries = ledger.read()
+        spent = spent_epsilon((e.mechanism for e in entries), d, named)
+    except FedroundError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "tenant": tenant,
+                    "site": site,
+                    "verified": True,
+                    "epsilon": None if math.isinf(spent) else spent,
+                    "delta": d,
+                    "accountant": named,
+                    "entries": [json.loads(e.to_bytes()) for e in entries],
+                }
+            )
+        )
+        return
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    typer.echo(
+        f"privacy ledger of {ledger.label}: {count} (hash chain verified); "
+        f"ε spent = {_up(spent)} at δ={_g(d)} ({named.upper()} accountant)"
+    )
+    for e in entries:
+        typer.echo(
+            f"  #{e.sequence:<4} {e.federation} run {e.run_id} round {e.round:<4} {e.mode:<7} "
+            f"σ={_g(e.noise_multiplier)} q={_g(e.sampling_rate)} C={_g(e.clip_norm)}  "
+            f"{e.recorded_at}"
+        )
 
 
 def register(app: typer.Typer) -> None:

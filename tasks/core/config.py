@@ -604,6 +604,82 @@ class CompressionConfig(_Strict):
         return "+".join(parts) or "dense"
 
 
+class PrivacyBudgetConfig(_Strict):
+    """The most privacy loss (ε, δ) the tenant, and each of its sites, may spend over all
+    runs together (the ledger, :mod:`fedround.tasks.privacy_ledger`, keeps the spend)."""
+
+    epsilon: float = Field(gt=0, description="ε_max: the cumulative ε the budget allows")
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="δ at which the budget's ε is measured (privacy.delta)"
+    )
+
+
+class PrivacyConfig(_Strict):
+    """Client-level differential privacy, DP-FedAvg (McMahan et al., ICLR 2018).
+
+    ``central``: each site clips its update to L2 norm ``clip_norm`` C; the coordinator
+    clips again (it trusts no site to have done so), averages with equal weights over the
+    round's selected sites and adds Gaussian noise of standard deviation σ·C to the sum.
+    ``local``: each site clips and adds the noise σ·C to its own update, so the coordinator
+    sees only noised updates. ε is accounted by Google's ``dp_accounting`` (``accountant``).
+    """
+
+    mode: Literal["off", "central", "local"] = "off"
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="σ: the noise's standard deviation in units of clip_norm"
+    )
+    clip_norm: float | None = Field(None, gt=0, description="C: the L2 bound of one update")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee")
+    accountant: Literal["pld", "rdp"] = Field(
+        "pld", description="pld (privacy loss distributions, tighter) or rdp (Rényi DP)"
+    )
+    budget: PrivacyBudgetConfig | None = Field(
+        None, description="refuse runs that would spend more (per tenant and per site)"
+    )
+    noise_seed: int | None = Field(
+        None,
+        description="tests and benchmarks only: a fixed seed for the noise (anyone who knows "
+        "it can subtract the noise); by default every round draws a secret one",
+    )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _fits_mode(self) -> PrivacyConfig:
+        if self.mode == "off":
+            stray = [
+                name
+                for name in ("noise_multiplier", "clip_norm", "budget", "noise_seed")
+                if getattr(self, name) is not None
+            ]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} apply to mode: central or local (mode is off)"
+                )
+            return self
+        for name, meaning in (
+            ("noise_multiplier", "σ > 0, e.g. 1.0 (see `fedround privacy calibrate`)"),
+            ("clip_norm", "C > 0, the largest L2 norm an update keeps, e.g. 1.0"),
+        ):
+            if getattr(self, name) is None:
+                raise ValueError(f"mode: {self.mode} needs {name}: {meaning}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def budget_delta(self) -> float:
+        """δ at which the budget is measured (the budget's own, else ``delta``)."""
+        if self.budget is not None and self.budget.delta is not None:
+            return self.budget.delta
+        return self.delta
+
+
 class LimitsConfig(_Strict):
     """Bounds every update must respect (anything else is rejected and logged)."""
 
@@ -615,6 +691,11 @@ class LimitsConfig(_Strict):
         le=2**53,
         description="the most rows a site's data contract may report: a site weighs by "
         "the rows it reports, so one claiming more is left out rather than trusted",
+    )
+    require_signatures: bool = Field(
+        True,
+        description="reject an update whose manifest is not signed by one of its site's "
+        "registered keys (fedround keys list); false: unsigned updates are accepted",
     )
 
 
@@ -811,6 +892,7 @@ class FederationConfig(_Strict):
     selection: SelectionConfig = SelectionConfig()
     limits: LimitsConfig = LimitsConfig()
     compression: CompressionConfig = CompressionConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     registry: RegistryConfig = RegistryConfig()
     promotion: PromotionConfig = PromotionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -857,6 +939,8 @@ class FederationConfig(_Strict):
             self._check_async()
         else:
             self.strategy.check_round_size(self.selection.min_sites, len(self.sites))
+        if self.privacy.enabled:
+            self._check_privacy()
         return self
 
     @property
@@ -897,6 +981,35 @@ class FederationConfig(_Strict):
                     f"mode: async does not support {what} (its updates are folded one at a "
                     "time, without a round to compare them in); use mode: sync, or the "
                     "defaults for that setting"
+                )
+
+    def _check_privacy(self) -> None:
+        """DP-FedAvg's guarantee rests on a bounded sensitivity: every selected site adds at
+        most C to a plain sum. Settings that break that, or whose accounting would not
+        hold, are refused rather than silently overridden."""
+        mode, strategy = self.privacy.mode, self.strategy
+        refused = {
+            # A sync round is one Poisson-subsampled Gaussian step; FedBuff's versions are not.
+            "mode: async": self.mode == "async",
+            # Median, trimmed mean and Krum are not sums: one site can move them by more
+            # than C/n, and their sensitivity is not what the accountant assumes.
+            f"strategy.aggregator: {strategy.aggregator}": strategy.aggregator != "mean",
+            # SCAFFOLD sends each site's control variate beside its update, unclipped and
+            # unnoised: a second channel the mechanism does not cover.
+            "strategy.name: scaffold": strategy.name == "scaffold",
+            # Example-count weights are self-reported and unbounded: DP weighs sites alike.
+            "strategy.weighting: examples": "weighting" in strategy.model_fields_set
+            and strategy.weighting == "examples",
+            "strategy.max_site_share < 1": strategy.max_site_share < 1,
+            # The DP clip at privacy.clip_norm replaces the strategy's own clipping.
+            "strategy.clip": "clip" in strategy.model_fields_set,
+        }
+        for what, bad in refused.items():
+            if bad:
+                raise ValueError(
+                    f"privacy.mode: {mode} does not combine with {what}: DP-FedAvg needs a "
+                    "plain equally weighted sum of clipped updates (bounded sensitivity) over "
+                    "synchronous rounds; use the defaults for that setting, or privacy.mode: off"
                 )
 
     @property

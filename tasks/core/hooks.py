@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .config import StrategyConfig
+from .config import PrivacyConfig, StrategyConfig
 from .serialization import Weights
 from .strategies.scaffold import client_variate, control_key
 
@@ -117,14 +117,33 @@ class ControlVariate(ClientHook):
 
 
 def hooks_for(
-    strategy: StrategyConfig, global_weights: Mapping[str, torch.Tensor]
+    strategy: StrategyConfig,
+    global_weights: Mapping[str, torch.Tensor],
+    privacy: PrivacyConfig | None = None,
+    seed: int | None = None,
 ) -> list[ClientHook]:
     """The client hooks a strategy needs at the site (none for plain FedAvg). SCAFFOLD's
     :class:`ControlVariate` needs the site's own variate, so the site builds it (see
-    :mod:`fedround.site_workers.scaffold`)."""
+    :mod:`fedround.site_workers.scaffold`).
+
+    With ``privacy`` on, the last hook clips the finished update to ``clip_norm``
+    (``central``) or clips it and adds the noise (``local``; secret noise unless the config
+    fixes ``noise_seed``, then mixed with the round's ``seed``)."""
+    hooks: list[ClientHook] = []
     if strategy.name == "fedprox":
-        return [ProximalTerm(strategy.mu, global_weights)]
-    return []
+        hooks.append(ProximalTerm(strategy.mu, global_weights))
+    if privacy is not None and privacy.enabled:
+        from .privacy.dp_fedavg import ClipUpdate, LocalNoise
+
+        assert privacy.clip_norm is not None and privacy.noise_multiplier is not None
+        if privacy.mode == "central":
+            hooks.append(ClipUpdate(privacy.clip_norm))
+        else:
+            noise_seed = None
+            if privacy.noise_seed is not None:
+                noise_seed = (privacy.noise_seed * 1_000_003 + (seed or 0)) % 2**63
+            hooks.append(LocalNoise(privacy.noise_multiplier, privacy.clip_norm, noise_seed))
+    return hooks
 
 
 @contextmanager

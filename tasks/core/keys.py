@@ -8,6 +8,7 @@
     <federation>/checkpoints/<run>/round-0003/{weights.safetensors,strategy.json,manifest.json}
     <federation>/locks/promotion-<model>.json                     single-writer locks
     <federation>/audit/000000000042.jsonl                         append-only audit log
+    <federation>/registry/site-keys/<site>.json                   sites' public keys
 
 Everything a site may read lies under ``<federation>/global/`` and everything it may write
 under ``<federation>/updates/<site>/``, so per-site object-store credentials can grant
@@ -158,6 +159,15 @@ def lock_key(federation: str, name: str) -> str:
     return f"{federation}/locks/{name}.json"
 
 
+def site_keys_prefix(federation: str) -> str:
+    return f"{federation}/registry/site-keys/"
+
+
+def site_keys_key(federation: str, site: str) -> str:
+    """The public keys registered for ``site`` (see :mod:`fedround.tasks.core.signing`)."""
+    return f"{site_keys_prefix(federation)}{site}.json"
+
+
 def audit_prefix(federation: str) -> str:
     return f"{federation}/audit/"
 
@@ -165,3 +175,21 @@ def audit_prefix(federation: str) -> str:
 def audit_entry_key(federation: str, sequence: int) -> str:
     """Entry ``sequence`` of the federation's append-only audit log (one JSON line)."""
     return f"{audit_prefix(federation)}{sequence:012d}.jsonl"
+
+
+# --- privacy-budget ledgers (coordinator only; per tenant, across its federations) --------
+# ``_`` cannot begin a federation name, so these keys never fall under a federation's prefix.
+
+
+def privacy_ledger_prefix(tenant: str, site: str | None = None) -> str:
+    """The ledger of ``tenant`` (``site=None``) or of one of its sites."""
+    scope = "tenant" if site is None else f"sites/{site}"
+    return f"_tenants/{tenant}/privacy-ledger/{scope}/"
+
+
+def privacy_ledger_entry_key(tenant: str, site: str | None, sequence: int) -> str:
+    return f"{privacy_ledger_prefix(tenant, site)}{sequence:012d}.json"
+
+
+def privacy_ledger_head_key(tenant: str, site: str | None) -> str:
+    return f"{privacy_ledger_prefix(tenant, site)}head.json"

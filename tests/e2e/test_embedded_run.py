@@ -200,3 +200,33 @@ def test_tampered_checkpoint_is_refused_on_resume(
     assert done.returncode == 1
     assert "checkpoint round 3 of run" in done.stderr and "is corrupted" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_second_coordinator_on_a_live_run_id_is_refused(
+    first_run: dict[str, Any], state_dir: Path
+) -> None:
+    from fedround.tasks.run_lock import RunLease
+
+    # Trigger: a coordinator is live on the run id (this process holds its run lease, as
+    # the coordinator's own process does while it runs; a real run here ends too fast to
+    # be caught reliably) ...
+    run_id = "one-coordinator"
+    store = LocalObjectStore(state_dir / "objects")
+    live = RunLease(store, FEDERATION, run_id, holder="ops@coordinator-1").acquire()
+    try:
+        # Fault: ... and a second coordinator starts the same run id
+        second = fedround("run", str(CONFIG), "--run-id", run_id, state_dir=state_dir)
+    finally:
+        live.release()
+
+    # Expected: refused in one line naming the holder, its host and its lease, before it
+    # wrote anything of the run
+    assert second.returncode == 1, second.stderr[-3000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, second.stderr[-3000:]
+    assert f"run {run_id} of federation {FEDERATION} is already running" in errors[0]
+    assert "ops@coordinator-1 on host " in errors[0] and f"(pid {os.getpid()})" in errors[0]
+    assert "lease until " in errors[0] and "fedround lock break" in errors[0]
+    assert "Traceback" not in second.stderr
+    assert not store.list(keys.checkpoints_prefix(FEDERATION, run_id))
+    assert not store.exists(keys.contract_key(FEDERATION, run_id))
