@@ -5,8 +5,11 @@
   version (a checkpoint whose weights digest is some version's ``fedround.weights_sha256``
   stays as long as that version exists) and the latest readable checkpoint of every run,
   whatever its age (a run in progress resumes from it, and ``--older-than 0s`` must not
-  take it). Data files go first and the manifest last, so an interrupted prune leaves a
-  checkpoint that the next prune finishes removing.
+  take it), and every checkpoint of a run that is still open (its coordinator holds the
+  run lock ``run-<run id>``, :mod:`fedround.tasks.run_lock`, with a live lease). Data
+  files go first and the manifest last, so an interrupted prune leaves a checkpoint that
+  the next prune finishes removing. A prune holds each federation's ``prune`` lock while
+  it deletes there, so two prunes of one federation never interleave.
 
   Without the registry nothing is protected, so pruning refuses, deleting nothing, when
   the registry cannot be read (:func:`protected_digests`) or lists no version with a
@@ -45,7 +48,9 @@ from fedround.tasks.core.errors import (
 )
 from fedround.tasks.core.manifest import CheckpointManifest
 from fedround.tasks.core.serialization import sha256_hex
+from fedround.tasks.locks import Lock, LockHeld, default_holder, lease_expired, read_lock
 from fedround.tasks.object_store import ObjectStore, S3ObjectStore
+from fedround.tasks.run_lock import run_lock_name
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +161,7 @@ class PruneReport:
     kept_registered: dict[str, list[str]] = field(default_factory=dict)  # prefix → versions
     kept_latest: list[CheckpointRef] = field(default_factory=list)  # each run's newest
     kept_unreadable: list[CheckpointRef] = field(default_factory=list)  # manifest unreadable
+    kept_open: list[CheckpointRef] = field(default_factory=list)  # their run is still open
     kept_recent: int = 0
     bytes_freed: int = 0
     versions_purged: int = 0
@@ -201,9 +207,62 @@ def prune_checkpoints(
             "was reset or MLFLOW_TRACKING_URI points at the wrong server, fix that first; "
             f"if no model was ever registered, pass {NO_REGISTRY_CHECK}"
         )
-    manifests: dict[CheckpointRef, CheckpointManifest] = {}
     report = PruneReport(dry_run=dry_run)
+    locks = [] if dry_run else _prune_locks(store, sorted({ref.federation for ref in refs}))
+    try:
+        _prune(store, refs, keep_digests, older_than, now, dry_run, purge_versions, report)
+    finally:
+        for lock in locks:
+            lock.release()
+    return report
+
+
+def run_is_open(store: ObjectStore, federation: str, run_id: str) -> bool:
+    """Whether a coordinator holds the run's lock with a lease that has not run out."""
+    info = read_lock(store, keys.lock_key(federation, run_lock_name(run_id)))
+    return info is not None and not info.get("broken") and not lease_expired(info)
+
+
+def _prune_locks(store: ObjectStore, federations: list[str]) -> list[Lock]:
+    """Each federation's ``prune`` lock, all or none: :class:`LockHeld` names the holder."""
+    held: list[Lock] = []
+    try:
+        for federation in federations:
+            lock = Lock(
+                store,
+                keys.lock_key(federation, "prune"),
+                ttl_s=3600.0,
+                holder=default_holder(),
+                purpose=f"prune checkpoints of {federation}",
+            )
+            held.append(lock.acquire())
+    except LockHeld:
+        for lock in held:
+            lock.release()
+        raise
+    return held
+
+
+def _prune(
+    store: ObjectStore,
+    refs: list[CheckpointRef],
+    keep_digests: dict[str, list[str]],
+    older_than: timedelta,
+    now: datetime,
+    dry_run: bool,
+    purge_versions: bool,
+    report: PruneReport,
+) -> None:
+    manifests: dict[CheckpointRef, CheckpointManifest] = {}
+    open_runs = {
+        (ref.federation, ref.run_id)
+        for ref in refs
+        if run_is_open(store, ref.federation, ref.run_id)
+    }
     for ref in refs:
+        if (ref.federation, ref.run_id) in open_runs:
+            report.kept_open.append(ref)  # its coordinator is writing: not even read
+            continue
         try:
             manifests[ref] = CheckpointManifest.from_json(store.get(ref.prefix + MANIFEST))
         except (ObjectNotFound, ValueError) as exc:
@@ -237,7 +296,6 @@ def prune_checkpoints(
             store.delete(key)
             if purge_versions and isinstance(store, S3ObjectStore):
                 report.versions_purged += _purge_versions(store, key)
-    return report
 
 
 @dataclass

@@ -384,7 +384,12 @@ def prune(
     older_than: Annotated[
         str, typer.Option(help="Delete checkpoints older than this (90d, 12h, 2w, 0s).")
     ] = "90d",
-    federation: Annotated[str | None, typer.Option(help="Only this federation.")] = None,
+    federation: Annotated[
+        str | None, typer.Option(help="The federation to prune (or --all-federations).")
+    ] = None,
+    all_federations: Annotated[
+        bool, typer.Option("--all-federations", help="Prune every federation in the store.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
     purge_versions: Annotated[
         bool,
@@ -404,9 +409,16 @@ def prune(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     as_json: AsJson = False,
 ) -> None:
-    """Delete old checkpoints, keeping every one behind a registered model version and
-    the latest of every run (whatever its age). Refuses, deleting nothing, if the model
-    registry cannot be read or lists no versions (see --no-registry-check)."""
+    """Delete old checkpoints of one federation, keeping every one behind a registered
+    model version, the latest of every run (whatever its age) and all of a run that is
+    still open. Refuses, deleting nothing, if the model registry cannot be read or lists
+    no versions (see --no-registry-check), or if another prune of the federation runs."""
+    if (federation is None) == (not all_federations):
+        _fail(
+            "name the federation to prune with --federation NAME, or prune every federation "
+            "in the store with --all-federations (not both)",
+            2,
+        )
     settings = _settings(state_dir)
     with _errors():
         from fedround.tasks.object_store import open_store
@@ -442,6 +454,7 @@ def prune(
         f"{len(report.kept_registered)} behind registered versions, {len(report.kept_latest)} "
         f"latest of their run, {report.kept_recent} newer than {older_than}"
         + (f", {len(report.kept_unreadable)} unreadable" if report.kept_unreadable else "")
+        + (f", {len(report.kept_open)} of runs still open" if report.kept_open else "")
         + (f"; purged {report.versions_purged} old versions" if purge_versions else "")
     )
     for name in describe(report.deleted):
@@ -452,6 +465,8 @@ def prune(
         typer.echo(f"  kept     {name} (latest checkpoint of its run)")
     for name in describe(report.kept_unreadable):
         typer.echo(f"  kept     {name} (unreadable manifest: check it)")
+    for name in describe(report.kept_open):
+        typer.echo(f"  kept     {name} (its run is still open: a coordinator holds its lock)")
     if as_json:
         typer.echo(
             json.dumps(
@@ -460,6 +475,7 @@ def prune(
                     "kept_registered": report.kept_registered,
                     "kept_latest": describe(report.kept_latest),
                     "kept_unreadable": describe(report.kept_unreadable),
+                    "kept_open": describe(report.kept_open),
                     "kept_recent": report.kept_recent,
                     "bytes_freed": report.bytes_freed,
                     "dry_run": dry_run,

@@ -236,7 +236,10 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def _prune(state: Path, *options: str) -> tuple[int, str, str, BaseException | None]:
     result = CliRunner().invoke(
-        app, ["checkpoints", "prune", "--older-than", "0s", "--state-dir", str(state), *options]
+        app,
+        ["checkpoints", "prune", "--older-than", "0s", "--state-dir", str(state)]
+        + ([] if "--all-federations" in options else ["--federation", "f"])
+        + list(options),
     )
     return result.exit_code, result.stdout, result.stderr, result.exception
 
@@ -278,3 +281,64 @@ def test_cli_prune_refuses_when_the_registry_is_unreachable(
     assert f"the model registry at {UNREACHABLE} could not be read" in stderr
     assert "nothing was deleted" in stderr and "Traceback" not in stderr
     assert _left(store) == {("f", "run", 1), ("f", "run", 2)}
+
+
+# --- open runs, the prune lock, and the federation's scope ---------------------------------
+
+
+def test_a_run_still_open_keeps_every_checkpoint(store: LocalObjectStore) -> None:
+    from fedround.tasks.run_lock import RunLease
+
+    for round_ in (1, 2, 3):
+        _checkpoint(store, "f", "live", round_, age=timedelta(days=400))
+        _checkpoint(store, "f", "done", round_, age=timedelta(days=400))
+    lease = RunLease(store, "f", "live", ttl_s=60).acquire()
+    try:
+        report = prune_checkpoints(store, {"d" * 64: ["other/1"]}, timedelta(0), federation="f")
+    finally:
+        lease.release()
+    assert sorted(r.round for r in report.kept_open) == [1, 2, 3]
+    assert _left(store) == {("f", "live", 1), ("f", "live", 2), ("f", "live", 3), ("f", "done", 3)}
+
+    # once the run has ended (its lock released), its old checkpoints go like any others
+    report = prune_checkpoints(store, {"d" * 64: ["other/1"]}, timedelta(0), federation="f")
+    assert report.kept_open == []
+    assert _left(store) == {("f", "live", 3), ("f", "done", 3)}
+
+
+def test_a_second_prune_of_a_federation_fails_naming_the_first(store: LocalObjectStore) -> None:
+    from fedround.tasks.locks import Lock, LockHeld
+
+    for round_ in (1, 2):
+        _checkpoint(store, "f", "run", round_, age=timedelta(days=400))
+    first = Lock(store, keys.lock_key("f", "prune"), ttl_s=60, holder="ops@other", purpose="p")
+    first.acquire()
+    try:
+        with pytest.raises(LockHeld, match="ops@other"):
+            prune_checkpoints(store, {"d" * 64: ["other/1"]}, timedelta(0), federation="f")
+        assert _left(store) == {("f", "run", 1), ("f", "run", 2)}  # nothing deleted
+        # a dry run only reads: it needs no lock
+        dry = prune_checkpoints(store, {"d" * 64: ["x/1"]}, timedelta(0), "f", dry_run=True)
+        assert [r.round for r in dry.deleted] == [1]
+    finally:
+        first.release()
+    prune_checkpoints(store, {"d" * 64: ["other/1"]}, timedelta(0), federation="f")
+    assert _left(store) == {("f", "run", 2)}
+    assert not store.exists(keys.lock_key("f", "prune"))  # released after the prune
+
+
+def test_cli_prune_needs_a_federation_or_all_federations(cli: Path) -> None:
+    store = LocalObjectStore(cli / "objects")
+    _checkpoint(store, "f", "run", 1, age=timedelta(days=400))
+    _checkpoint(store, "f", "run", 2, age=timedelta(days=400))
+    for options in ([], ["--federation", "f", "--all-federations"]):
+        result = CliRunner().invoke(
+            app, ["checkpoints", "prune", "--state-dir", str(cli), "--older-than", "0s", *options]
+        )
+        assert result.exit_code == 2, result.stdout
+        assert "--federation NAME" in result.stderr and "--all-federations" in result.stderr
+    assert _left(store) == {("f", "run", 1), ("f", "run", 2)}
+    code, stdout, stderr, _ = _prune(cli, "--all-federations", "--no-registry-check")
+    assert code == 0, stderr
+    assert "  deleted  f/run/round-0001" in stdout
+    assert _left(store) == {("f", "run", 2)}
