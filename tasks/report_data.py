@@ -579,11 +579,13 @@ def strategy_settings(params: Mapping[str, str]) -> dict[str, str]:
 def privacy_settings(
     params: Mapping[str, str], tags: Mapping[str, str], metrics: Mapping[str, float]
 ) -> dict[str, str]:
-    """Differential-privacy settings and spend, if the run has any (none: an empty dict)."""
+    """Differential-privacy settings and spend, if the run has any (none: an empty dict).
+    A run with ``privacy.mode: off`` logs the section's defaults: those are no settings."""
+    off = params.get("privacy.mode") in ("off", "False")
     found = {
         key: value
         for key, value in params.items()
-        if key.startswith(("privacy.", "dp.")) and value not in ("None", "")
+        if key.startswith(("privacy.", "dp.")) and value not in ("None", "") and not off
     }
     found.update({k.removeprefix(TAG): v for k, v in tags.items() if k.startswith(f"{TAG}privacy")})
     found.update(

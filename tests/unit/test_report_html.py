@@ -178,6 +178,22 @@ def test_the_header_names_the_run_its_config_strategy_and_privacy(page: str) -> 
     assert "<code>accuracy</code> 0.9100" in page
 
 
+def test_a_run_with_privacy_off_has_no_privacy_settings() -> None:
+    from fedround.tasks.report_data import privacy_settings
+
+    # what a run logs for the default section: mode off and the defaults of delta etc.
+    off = {"privacy.mode": "off", "privacy.delta": "1e-05", "privacy.accountant": "pld"}
+    assert privacy_settings(off, {}, {}) == {}
+    on = {**off, "privacy.mode": "central", "privacy.noise_multiplier": "1.0"}
+    assert privacy_settings(on, {}, {"privacy_epsilon": 2.5}) == {
+        "privacy.accountant": "pld",
+        "privacy.delta": "1e-05",
+        "privacy.mode": "central",
+        "privacy.noise_multiplier": "1.0",
+        "privacy_epsilon": "2.5",
+    }
+
+
 def test_privacy_settings_are_listed_when_the_run_has_them() -> None:
     page = _lean(privacy={"privacy.noise_multiplier": "1.1", "epsilon": "2.5"})
 
