@@ -253,24 +253,18 @@ def promote_model(
     """Evaluate ``version`` (default: the ``candidate`` alias) against ``production`` at
     every site and promote it if it passes the gates; see the module docstring."""
     logger = get_run_logger()
-    path = Path(config_path)
-    config = load_federation_config(path)
-    revision = config_revision(path, path.parent / config.contract, allow_dirty)
-    settings = CoordinatorSettings.from_env()
-    store = open_store(settings.object_store)
-    registry = ModelRegistry(settings.tracking_uri, config.model_name)
-    audit = AuditLog(store, config.federation)
+    config, revision, store, registry, audit = open_lifecycle(config_path, allow_dirty)
     purpose = f"promote {config.model_name} {version or '@' + CANDIDATE}"
     lock = promotion_lock(store, config, purpose).acquire(wait_s=lock_wait_s)
     try:
-        lifecycle = Lifecycle(registry, audit, lock, revision.revision)
+        lifecycle = Lifecycle(registry, audit, lock, revision)
         if lock.took_over is not None:
             audit.append(
                 "lock-takeover",
                 config.model_name,
                 reason=f"took over an expired lock of {lock.took_over.get('holder')}",
                 details={"expired_lock": lock.took_over},
-                config_revision=revision.revision,
+                config_revision=revision,
             )
         repaired = [entry.sequence for entry in lifecycle.reconcile()]
         with site_dispatcher(config, store):
@@ -427,20 +421,29 @@ def _promote(
     )
 
 
+def open_lifecycle(
+    config_path: str, allow_dirty: bool
+) -> tuple[FederationConfig, str, ObjectStore, ModelRegistry, AuditLog]:
+    """What a promotion, rollback or repair acts on: the federation's config, its revision
+    (refused when dirty unless ``allow_dirty``), the object store, the model's registry
+    entry and the federation's audit log."""
+    path = Path(config_path)
+    config = load_federation_config(path)
+    revision = config_revision(path, path.parent / config.contract, allow_dirty)
+    settings = CoordinatorSettings.from_env()
+    store = open_store(settings.object_store)
+    registry = ModelRegistry(settings.tracking_uri, config.model_name)
+    return config, revision.revision, store, registry, AuditLog(store, config.federation)
+
+
 def repair_promotions(config_path: str, lock_wait_s: float = 0.0) -> list[AuditEntry]:
     """Finish or abandon every promotion or rollback of the federation's model that died
     half-way (an ``intent`` in the audit log without its outcome), from the registry's
     actual aliases; returns the audit entries written (none if nothing was half-done)."""
-    path = Path(config_path)
-    config = load_federation_config(path)
-    revision = config_revision(path, path.parent / config.contract, allow_dirty=True)
-    settings = CoordinatorSettings.from_env()
-    store = open_store(settings.object_store)
-    registry = ModelRegistry(settings.tracking_uri, config.model_name)
-    audit = AuditLog(store, config.federation)
+    config, revision, store, registry, audit = open_lifecycle(config_path, allow_dirty=True)
     lock = promotion_lock(store, config, f"repair {config.model_name}").acquire(lock_wait_s)
     try:
-        return Lifecycle(registry, audit, lock, revision.revision).reconcile()
+        return Lifecycle(registry, audit, lock, revision).reconcile()
     finally:
         lock.release()
 

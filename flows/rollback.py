@@ -17,20 +17,16 @@ the rollback starts from the registry's real state.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from fedround.flows.promotion import promotion_lock
+from fedround.flows.promotion import open_lifecycle, promotion_lock
 from fedround.tasks.audit import AuditLog
-from fedround.tasks.config_versioning import config_revision
-from fedround.tasks.core.config import FederationConfig, load_federation_config
+from fedround.tasks.core.config import FederationConfig
 from fedround.tasks.lifecycle import Lifecycle, break_lock_audited
 from fedround.tasks.locks import Lock, LockHeld
-from fedround.tasks.object_store import ObjectStore, open_store
-from fedround.tasks.registry import PRODUCTION, ModelRegistry
-from fedround.tasks.runtime import CoordinatorSettings
+from fedround.tasks.object_store import ObjectStore
+from fedround.tasks.registry import PRODUCTION
 
 
 class RollbackResult(BaseModel):
@@ -49,16 +45,11 @@ def rollback_model(
 ) -> RollbackResult:
     """Stop a canary in progress, else put the previous production version back.
     ``break_lock``: if a promotion's lock is held, break it first (needs a ``reason``)."""
-    path = Path(config_path)
-    config = load_federation_config(path)
-    revision = config_revision(path, path.parent / config.contract, allow_dirty=True)
-    settings = CoordinatorSettings.from_env()
-    store = open_store(settings.object_store)
-    registry = ModelRegistry(settings.tracking_uri, config.model_name)
-    audit = AuditLog(store, config.federation)
+    # A dirty config does not block a rollback: an emergency must not wait for a commit.
+    config, revision, store, registry, audit = open_lifecycle(config_path, allow_dirty=True)
     lock = _take_lock(store, config, audit, reason, lock_wait_s, break_lock)
     try:
-        lifecycle = Lifecycle(registry, audit, lock, revision.revision)
+        lifecycle = Lifecycle(registry, audit, lock, revision)
         for repaired in lifecycle.reconcile():
             get_run_logger().warning(
                 "repaired first: audit #%d %s", repaired.sequence, repaired.reason
