@@ -258,6 +258,13 @@ def check_before_run(
     return checks
 
 
+def charged_sites(config: FederationConfig, selected: list[str]) -> list[str]:
+    """The sites a round's spend is charged to: under local DP the selected ones only (the
+    others sent nothing); under central DP every site of the federation (the sampling is
+    what amplifies privacy, so each site is charged the subsampled step)."""
+    return selected if config.privacy.mode == "local" else [s.name for s in config.sites]
+
+
 def round_fits(
     store: ObjectStore, config: FederationConfig, run_id: str, round_: int, selected: list[str]
 ) -> BudgetCheck | None:
@@ -267,7 +274,7 @@ def round_fits(
     if not privacy.enabled or privacy.budget is None:
         return None
     assert privacy.noise_multiplier is not None
-    charged = selected if privacy.mode == "local" else [s.name for s in config.sites]
+    charged = charged_sites(config, selected)
     ledgers = read_ledgers(store, config.tenant, charged)
     key = (config.federation, run_id, round_)
     step = (float(privacy.noise_multiplier), round_sampling_rate(config, len(selected)))
@@ -293,9 +300,8 @@ def record_round(
 ) -> float:
     """Record ``round_`` in the ledgers of the sites it charges, then the tenant's; returns
     the ε the run has spent so far (its own rounds, at ``privacy.delta``)."""
-    privacy = config.privacy
     q = round_sampling_rate(config, len(selected))
-    charged = selected if privacy.mode == "local" else [s.name for s in config.sites]
+    charged = charged_sites(config, selected)
     for site in sorted(charged):
         PrivacyLedger(store, config.tenant, site).append(config, run_id, round_, q)
     PrivacyLedger(store, config.tenant).append(config, run_id, round_, q, tuple(charged))
