@@ -54,7 +54,7 @@ from fedround.tasks.core.round_table import SiteFigures, site_rows
 from fedround.tasks.core.strategies import BufferedAsync, NormClipping, build_optimizer
 from fedround.tasks.core.validation import UpdateExpectation, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
-from fedround.tasks.site_keys import signing_keys
+from fedround.tasks.site_keys import audit_signature_rejections, signing_keys
 from fedround.tasks.tracking import RunTracker
 
 FEDBUFF_STATE = "fedbuff"
@@ -215,6 +215,14 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
             manifest, delta = read_update(store, expectation)
         except (UpdateRejected, ObjectStoreError) as exc:
             now.rejected[site] = rejection(site, exc)
+            audit_signature_rejections(
+                store,
+                config.federation,
+                config.model_name,
+                ctx.run_id,
+                job.base + 1,
+                {site: now.rejected[site]},
+            )
             if isinstance(exc, UpdateRejected):  # a verdict on the site, unlike a store error
                 now.checked.add(site)
                 now.struck.add(site)

@@ -99,7 +99,7 @@ from fedround.tasks.retry import only_transient
 from fedround.tasks.run_lineage import TrainingLineage
 from fedround.tasks.run_lock import check_run_lease, hold_run_lock
 from fedround.tasks.runtime import CoordinatorSettings
-from fedround.tasks.site_keys import signing_keys
+from fedround.tasks.site_keys import audit_signature_rejections, signing_keys
 from fedround.tasks.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -509,6 +509,9 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     pending_late.update((round_, site) for site in failed)
     for which, reason in late.items():
         logger.warning("site %s: %s", which, reason)
+    audit_signature_rejections(
+        store, config.federation, config.model_name, ctx.run_id, round_, outcome.rejected
+    )
     if len(outcome.accepted) < config.selection.min_sites or outcome.weights is None:
         missing = {**failed, **outcome.rejected}
         raise QuorumNotReached(

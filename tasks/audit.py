@@ -2,7 +2,9 @@
 
 Every promotion, canary, rejection, rollback, lock takeover and lock break appends one
 entry (a change of a registry alias two: its ``intent`` before, the outcome after, see
-:mod:`fedround.tasks.lifecycle`): a JSON line in its own object,
+:mod:`fedround.tasks.lifecycle`), and so do every change of the sites' key registry and
+every update rejected for its signature (:mod:`fedround.tasks.site_keys`): a JSON line in
+its own object,
 ``<federation>/audit/<sequence>.jsonl``. Appending is a conditional create of the next
 sequence number, so concurrent writers never overwrite each other: the loser of a race
 takes the following number. Entries are never rewritten; each carries the SHA-256 of the
@@ -53,6 +55,9 @@ ACTIONS = (
     "rollback",
     "lock-takeover",
     "lock-break",
+    "key-register",  # the key registry (tasks/site_keys.py)
+    "key-revoke",
+    "update-rejected",  # an update that failed its signature check
     INTENT,
     ABANDON,
 )

@@ -2,22 +2,29 @@
 
 Each site's :class:`~fedround.tasks.core.signing.KeyRing` lies at
 ``<federation>/registry/site-keys/<site>.json``, outside every site's write prefix: only
-the coordinator (or an operator with its credentials) registers or rotates keys.
+the coordinator (or an operator with its credentials) registers, rotates or revokes keys.
+Every change is a compare-and-swap on the ring object (two concurrent registrations both
+land) and is audited: ``key-register`` and ``key-revoke`` entries in the federation's audit
+log, under the subject ``site-keys``; an update rejected for its signature adds an
+``update-rejected`` entry under the model it was meant for.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
+from fedround.tasks.audit import AuditLog
 from fedround.tasks.core import keys
-from fedround.tasks.core.errors import ObjectNotFound
+from fedround.tasks.core.errors import ConfigError, FedroundError, ObjectNotFound, RejectReason
 from fedround.tasks.core.limits import UPDATE_MANIFEST_MAX_BYTES
 from fedround.tasks.core.signing import KeyRing, RegisteredKey
 from fedround.tasks.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
+
+KEYS_SUBJECT = "site-keys"  # the ``model`` of key-registry audit entries
 
 
 def load_key_ring(store: ObjectStore, federation: str, site: str) -> KeyRing:
@@ -54,6 +61,47 @@ def signing_keys(
     return {site: tuple(load_key_ring(store, federation, site).valid(now)) for site in sites}
 
 
+def _change_ring(
+    store: ObjectStore,
+    federation: str,
+    site: str,
+    change: Callable[[KeyRing], KeyRing | None],
+    attempts: int = 20,
+) -> KeyRing:
+    """Apply ``change`` to the site's ring as a compare-and-swap: of two concurrent
+    changes neither is lost (the loser reads the winner's ring and applies its change
+    again). ``change`` returns None when there is nothing to write."""
+    key = keys.site_keys_key(federation, site)
+    for _ in range(attempts):
+        try:
+            raw: bytes | None = store.get(key, max_bytes=UPDATE_MANIFEST_MAX_BYTES)
+        except ObjectNotFound:
+            raw = None
+        ring = KeyRing.from_json(raw) if raw is not None else KeyRing(site=site)
+        updated = change(ring)
+        if updated is None:
+            return ring
+        data = updated.to_json()
+        written = store.create(key, data) if raw is None else store.replace(key, data, raw)
+        if written:
+            return updated
+    raise ConfigError(
+        f"could not update the key ring of site {site} of {federation} after {attempts} "
+        "attempts: another writer keeps changing it"
+    )
+
+
+def _audit(
+    store: ObjectStore, federation: str, action: str, reason: str, details: dict[str, object]
+) -> None:
+    """One audit entry for a change of the key registry (logged, never raised: the change
+    itself is already written)."""
+    try:
+        AuditLog(store, federation).append(action, KEYS_SUBJECT, reason=reason, details=details)
+    except FedroundError as exc:
+        log.error("the key registry of %s changed but the audit log was not: %s", federation, exc)
+
+
 def register_key(
     store: ObjectStore,
     federation: str,
@@ -62,13 +110,91 @@ def register_key(
     overlap: timedelta | None = None,
 ) -> KeyRing:
     """Add ``key`` to the site's ring; with ``overlap`` (a rotation) every other key still
-    valid stays valid only that much longer. Registering a key twice changes nothing."""
-    ring = load_key_ring(store, federation, site)
-    if overlap is None and any(k.key_id == key.key_id for k in ring.keys):
-        return ring
+    valid stays valid only that much longer. Registering a key twice changes nothing; a
+    revoked key is never registered again. Each change is audited (``key-register``)."""
     now = datetime.now(UTC)
-    stamped = key.model_copy(update={"registered_at": now})
-    updated = ring.with_key(stamped, now + overlap if overlap is not None else None)
-    store.put(keys.site_keys_key(federation, site), updated.to_json())
-    log.info("registered key %s for site %s of %s", key.key_id, site, federation)
+
+    def add(ring: KeyRing) -> KeyRing | None:
+        same = [k for k in ring.keys if k.key_id == key.key_id]
+        if same and same[0].revoked_at is not None:
+            raise ConfigError(
+                f"key {key.key_id} of site {site} was revoked at {same[0].revoked_at}: a "
+                "revoked key is never registered again; give the site a new key "
+                "(fedround keys rotate)"
+            )
+        if same and overlap is None:
+            return None
+        stamped = key.model_copy(update={"registered_at": now})
+        return ring.with_key(stamped, now + overlap if overlap is not None else None)
+
+    before = load_key_ring(store, federation, site)
+    updated = _change_ring(store, federation, site, add)
+    if updated != before:
+        log.info("registered key %s for site %s of %s", key.key_id, site, federation)
+        _audit(
+            store,
+            federation,
+            "key-register",
+            f"key {key.key_id} registered for site {site}"
+            + (f", other keys retired after {overlap}" if overlap is not None else ""),
+            {"site": site, "key_id": key.key_id, "overlap_s": overlap and overlap.total_seconds()},
+        )
     return updated
+
+
+def revoke_key(store: ObjectStore, federation: str, site: str, key_id: str, reason: str) -> KeyRing:
+    """Revoke the site's key ``key_id`` now (a compromised key): every update signed with
+    it from now on is rejected (``unknown_key``), and it is never registered again. The
+    revocation is audited (``key-revoke``) with ``reason``."""
+    if not reason.strip():
+        raise ConfigError("a revocation needs a reason (it goes to the audit log)")
+    now = datetime.now(UTC)
+    updated = _change_ring(
+        store, federation, site, lambda ring: ring.revoked(key_id, now, reason.strip())
+    )
+    log.warning("revoked key %s of site %s of %s: %s", key_id, site, federation, reason)
+    _audit(
+        store,
+        federation,
+        "key-revoke",
+        reason.strip(),
+        {"site": site, "key_id": key_id},
+    )
+    return updated
+
+
+SIGNATURE_REJECTIONS = (
+    RejectReason.UNSIGNED.value,
+    RejectReason.UNKNOWN_KEY.value,
+    RejectReason.FORGED.value,
+)
+
+
+def audit_signature_rejections(
+    store: ObjectStore,
+    federation: str,
+    model: str,
+    run_id: str,
+    round_: int,
+    rejected: Mapping[str, str],
+) -> int:
+    """Append an ``update-rejected`` audit entry for every update in ``rejected`` (site →
+    "reason: detail") that failed its signature check (unsigned, unknown or revoked key,
+    forged): someone may be impersonating the site. Other rejections stay in the round
+    table and the log. Returns the number of entries written."""
+    written = 0
+    for site, why in sorted(rejected.items()):
+        reason = why.split(":", 1)[0]
+        if reason not in SIGNATURE_REJECTIONS:
+            continue
+        try:
+            AuditLog(store, federation).append(
+                "update-rejected",
+                model,
+                reason=why[:500],
+                details={"site": site, "run_id": run_id, "round": round_, "check": reason},
+            )
+            written += 1
+        except FedroundError as exc:
+            log.error("the rejected update of site %s was not audited: %s", site, exc)
+    return written

@@ -4,7 +4,10 @@
 - ``keys list``: every registered key of a federation, with its validity;
 - ``keys register``: register a site's public key (as ``fedround site init`` printed it);
 - ``keys rotate``: a new key for a site, written 0600 where its settings say, registered,
-  the old key valid for an overlap window (``--overlap 24h``).
+  the old key valid for an overlap window (``--overlap 24h``);
+- ``keys revoke``: end a (compromised) key now, with a reason; it is never valid again.
+
+Every change is audited (``fedround audit`` shows ``key-register`` and ``key-revoke``).
 
 Private keys never pass through a flag or a log: only key ids and public keys are shown.
 The registry lives in the coordinator's object store (``FEDROUND_OBJECT_STORE`` /
@@ -23,10 +26,11 @@ import typer
 from fedround.tasks.core.errors import FedroundError
 
 if TYPE_CHECKING:
+    from fedround.tasks.core.signing import RegisteredKey
     from fedround.tasks.object_store import ObjectStore
 
 keys_app = typer.Typer(
-    help="The sites' update-signing keys: list, register, rotate.", no_args_is_help=True
+    help="The sites' update-signing keys: list, register, rotate, revoke.", no_args_is_help=True
 )
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -53,7 +57,10 @@ def _coordinator_store() -> ObjectStore:
     return open_store(CoordinatorSettings.from_env().object_store)
 
 
-def _validity(not_after: datetime | None, now: datetime) -> str:
+def _validity(key: RegisteredKey, now: datetime) -> str:
+    if key.revoked_at is not None:
+        return f"REVOKED at {key.revoked_at:%Y-%m-%d %H:%M:%S} UTC: {key.revoke_reason}"
+    not_after = key.not_after
     if not_after is None:
         return "valid"
     if now <= not_after:
@@ -82,7 +89,7 @@ def list_keys(
         typer.echo(f"{ring.site}:")
         for key in ring.keys:
             when = f"{key.registered_at:%Y-%m-%d %H:%M:%S}" if key.registered_at else "?"
-            typer.echo(f"  {key.key_id}  {_validity(key.not_after, now)}  (registered {when})")
+            typer.echo(f"  {key.key_id}  {_validity(key, now)}  (registered {when})")
 
 
 def register_command(
@@ -151,9 +158,35 @@ def rotate(
     typer.echo("\n".join(lines))
 
 
+def revoke(
+    federation: Annotated[str, typer.Option(help="The site's federation.")],
+    site: Annotated[str, typer.Option(help="The site whose key to revoke.")],
+    key_id: Annotated[str, typer.Option(help="The key id (see `fedround keys list`).")],
+    reason: Annotated[
+        str, typer.Option(help="Why (required; it goes to the audit log), e.g. 'laptop lost'.")
+    ],
+) -> None:
+    """Revoke a site's key now: updates signed with it are rejected from the next read on,
+    and it can never be registered again. Give the site a new key with `keys rotate`."""
+    from fedround.tasks.site_keys import revoke_key
+
+    try:
+        ring = revoke_key(_coordinator_store(), federation, site, key_id, reason)
+    except FedroundError as exc:
+        _fail(str(exc))
+    still = [key.key_id for key in ring.valid(datetime.now(UTC))]
+    typer.echo(f"revoked key {key_id} of site {site} of {federation} (audited)")
+    if not still:
+        typer.echo(
+            f"  site {site} has no valid key left: its updates are rejected until it gets a "
+            f"new one (fedround keys rotate --site {site} ...)"
+        )
+
+
 keys_app.command("list")(list_keys)
 keys_app.command("register")(register_command)
 keys_app.command("rotate")(rotate)
+keys_app.command("revoke")(revoke)
 
 
 def register(app: typer.Typer) -> None:

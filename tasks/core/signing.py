@@ -74,8 +74,12 @@ class RegisteredKey(BaseModel):
     public_key: str  # base64 of the 32 raw bytes
     not_after: datetime | None = None  # valid until then (rotation overlap); None: no end
     registered_at: datetime | None = None
+    revoked_at: datetime | None = None  # revoked (compromised): never valid again
+    revoke_reason: str | None = None
 
     def valid_at(self, now: datetime) -> bool:
+        if self.revoked_at is not None:
+            return False
         return self.not_after is None or now <= self.not_after
 
     @classmethod
@@ -115,6 +119,24 @@ class KeyRing(BaseModel):
                 old = old.model_copy(update={"not_after": retire_others_at})
             others.append(old)
         return KeyRing(site=self.site, keys=[*others, key])
+
+    def revoked(self, key_id: str, at: datetime, reason: str) -> KeyRing:
+        """The ring with key ``key_id`` revoked from ``at`` on (a :class:`ConfigError` when
+        the site has no such key; revoking a revoked key keeps its first revocation)."""
+        if not any(key.key_id == key_id for key in self.keys):
+            raise ConfigError(
+                f"site {self.site} has no key {key_id!r} (registered: "
+                f"{[key.key_id for key in self.keys] or 'none'}): see `fedround keys list`"
+            )
+        return KeyRing(
+            site=self.site,
+            keys=[
+                key.model_copy(update={"revoked_at": at, "revoke_reason": reason})
+                if key.key_id == key_id and key.revoked_at is None
+                else key
+                for key in self.keys
+            ],
+        )
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()
@@ -218,6 +240,12 @@ def verify_manifest(
             f"{site} (registered: {[key.key_id for key in keys] or 'none'})",
         )
     key = matching[0]
+    if key.revoked_at is not None:
+        raise UpdateRejected(
+            RejectReason.UNKNOWN_KEY,
+            f"signed with key {key.key_id}, revoked at {key.revoked_at} "
+            f"({key.revoke_reason or 'no reason given'}): the site needs a new key",
+        )
     if not key.valid_at(now):
         raise UpdateRejected(
             RejectReason.UNKNOWN_KEY,

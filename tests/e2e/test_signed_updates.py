@@ -110,3 +110,20 @@ def test_the_wrong_key_site_is_left_out_with_the_reason_and_the_run_completes(
         assert manifest.signature and manifest.key_id in registered
     for round_ in (1, 2):  # its update is in the store, but was never used
         assert store.exists(keys.update_key(FEDERATION, result["run_id"], round_, "site-c"))
+
+
+def test_each_rejected_signature_is_in_the_audit_log(
+    result: dict[str, Any], federation: Path
+) -> None:
+    from fedround.tasks.audit import AuditLog
+
+    store = LocalObjectStore(federation / "state" / "objects")
+    audit = AuditLog(store, FEDERATION)
+    rejected = [e for e in audit.entries() if e.action == "update-rejected"]
+    assert [(e.details["site"], e.details["round"]) for e in rejected] == [
+        ("site-c", 1),
+        ("site-c", 2),
+    ]
+    assert all(e.details["run_id"] == result["run_id"] for e in rejected)
+    assert all(e.details["check"] == "unknown_key" for e in rejected)
+    assert audit.verify() == []

@@ -125,6 +125,39 @@ def test_audit_log_appends_concurrently_and_chains_on_s3(s3_service: Endpoints) 
     ]
 
 
+def test_concurrent_key_registrations_and_a_revocation_all_land_on_s3(
+    s3_service: Endpoints,
+) -> None:
+    """The site's key ring is changed by compare-and-swap on the real server: eight
+    registrations and a revocation racing each other all land, each audited once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedround.tasks.core.signing import SigningKey
+    from fedround.tasks.site_keys import load_key_ring, register_key, revoke_key
+
+    store = admin_store(s3_service)
+    federation = f"keys-{uuid.uuid4().hex[:8]}"
+    first = SigningKey.generate()
+    register_key(store, federation, "a", first.registered())
+    new = [SigningKey.generate() for _ in range(8)]
+
+    def change(i: int) -> object:
+        if i == len(new):
+            return revoke_key(store, federation, "a", first.key_id, "compromised")
+        return register_key(store, federation, "a", new[i].registered())
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(change, range(len(new) + 1)))
+
+    ring = load_key_ring(store, federation, "a")
+    assert {k.key_id for k in ring.keys} == {first.key_id, *(k.key_id for k in new)}
+    assert [k.key_id for k in ring.keys if k.revoked_at is not None] == [first.key_id]
+    audit = AuditLog(store, federation)
+    actions = sorted(e.action for e in audit.entries())
+    assert actions == ["key-register"] * 9 + ["key-revoke"]
+    assert audit.verify() == []
+
+
 def test_checkpoint_tampering_is_detected_and_versions_keep_the_original(
     s3_service: Endpoints,
 ) -> None:

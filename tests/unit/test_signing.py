@@ -365,3 +365,102 @@ def test_site_init_writes_a_0600_key_beside_the_config_and_keeps_it(
     assert RegisteredKey.from_text(public).key_id == key_id
     assert path.read_text().strip() not in out.read_text()  # the config names it, never holds it
     assert init()[0] == key_id  # re-init keeps the key
+
+
+# --- revocation, concurrent registration and the audit log -----------------------------
+
+
+def test_a_revoked_key_is_rejected_and_never_registered_again(tmp_path: Path) -> None:
+    from fedround.tasks.audit import AuditLog
+    from fedround.tasks.site_keys import revoke_key
+
+    store = LocalObjectStore(tmp_path / "objects")
+    register_key(store, "fed", "a", SITE_KEY.registered())
+
+    with pytest.raises(ConfigError, match="needs a reason"):
+        revoke_key(store, "fed", "a", SITE_KEY.key_id, "  ")
+    with pytest.raises(ConfigError, match="has no key 'nope'"):
+        revoke_key(store, "fed", "a", "nope", "lost")
+    ring = revoke_key(store, "fed", "a", SITE_KEY.key_id, "laptop stolen")
+
+    assert ring.valid(datetime.now(UTC)) == []
+    assert _reason(_signed(), ring.keys) == RejectReason.UNKNOWN_KEY
+    with pytest.raises(UpdateRejected, match=r"revoked at .*laptop stolen"):
+        verify_manifest(_signed(), ring.keys)
+    with pytest.raises(ConfigError, match="never registered again"):
+        register_key(store, "fed", "a", SITE_KEY.registered(), timedelta(hours=1))
+    assert load_key_ring(store, "fed", "a") == ring  # the refused registration wrote nothing
+    actions = [(e.action, e.model, e.details["key_id"]) for e in AuditLog(store, "fed").entries()]
+    assert actions == [
+        ("key-register", "site-keys", SITE_KEY.key_id),
+        ("key-revoke", "site-keys", SITE_KEY.key_id),
+    ]
+
+
+def test_concurrent_registrations_are_compare_and_swap_and_both_land(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = LocalObjectStore(tmp_path / "objects")
+    new_keys = [SigningKey.generate() for _ in range(8)]
+    writes: list[str] = []
+    put = store.put
+    store.put = lambda key, data: writes.append(key) or put(key, data)  # type: ignore[method-assign]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda k: register_key(store, "fed", "a", k.registered()), new_keys))
+
+    registered = {k.key_id for k in load_key_ring(store, "fed", "a").keys}
+    assert registered == {k.key_id for k in new_keys}  # none lost to a read-modify-write race
+    assert keys.site_keys_key("fed", "a") not in writes  # no blind overwrite of the ring
+
+
+def test_signature_rejections_are_audited_and_other_rejections_are_not(tmp_path: Path) -> None:
+    from fedround.tasks.audit import AuditLog
+    from fedround.tasks.site_keys import audit_signature_rejections
+
+    store = LocalObjectStore(tmp_path / "objects")
+    rejected = {
+        "a": "forged: the signature does not match the manifest",
+        "b": "unknown_key: signed with key 'abc'",
+        "c": "nan: the update holds NaN",
+        "d": "unreadable: connection reset",
+        "e": "unsigned: the update of site e is not signed",
+    }
+
+    written = audit_signature_rejections(store, "fed", "fed-global", "run-1", 3, rejected)
+
+    entries = AuditLog(store, "fed").entries()
+    assert written == 3
+    assert [(e.action, e.model, e.details["site"], e.details["check"]) for e in entries] == [
+        ("update-rejected", "fed-global", "a", "forged"),
+        ("update-rejected", "fed-global", "b", "unknown_key"),
+        ("update-rejected", "fed-global", "e", "unsigned"),
+    ]
+    assert all(e.details["run_id"] == "run-1" and e.details["round"] == 3 for e in entries)
+    assert AuditLog(store, "fed").verify() == []
+
+
+def test_cli_revokes_a_key_and_lists_it_as_revoked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedround.flows.cli.main import app
+
+    monkeypatch.delenv("FEDROUND_OBJECT_STORE", raising=False)
+    monkeypatch.setenv("FEDROUND_STATE_DIR", str(tmp_path / "state"))
+    store = LocalObjectStore(tmp_path / "state" / "objects")
+    register_key(store, "fed", "a", SITE_KEY.registered())
+    runner = CliRunner()
+    revoke = ["keys", "revoke", "--federation", "fed", "--site", "a"]
+
+    no_reason = runner.invoke(app, [*revoke, "--key-id", SITE_KEY.key_id])
+    unknown = runner.invoke(app, [*revoke, "--key-id", "feedface", "--reason", "lost"])
+    done = runner.invoke(app, [*revoke, "--key-id", SITE_KEY.key_id, "--reason", "lost"])
+    listed = runner.invoke(app, ["keys", "list", "--federation", "fed"])
+
+    assert no_reason.exit_code == 2  # --reason is required
+    assert unknown.exit_code == 1 and "has no key 'feedface'" in unknown.output
+    assert done.exit_code == 0, done.output
+    assert "no valid key left" in done.output
+    assert f"{SITE_KEY.key_id}  REVOKED at" in listed.output and "lost" in listed.output
