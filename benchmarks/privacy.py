@@ -10,11 +10,16 @@ wrap_strategy`: equal weights, fixed denominator, central noise) and the account
 q = sampled/all sites (central), or q = 1 (local: the coordinator knows who took part, so
 there is no amplification by subsampling).
 
-ε = ∞ is the same clipped, equally weighted FedAvg without noise. One run per setting
-(seeded); the spread across seeds is not measured here.
+``adaptive`` is central noise with adaptive clipping (Andrew et al., NeurIPS 2021:
+:mod:`fedround.tasks.core.privacy.adaptive_clipping`), starting from the same C and moving
+it towards the median update norm; its ε is the same as central's at the same σ.
 
-Run: ``.venv/bin/python benchmarks/privacy.py [--rounds 30] [--sites 100]``; writes
-``benchmarks/results/privacy.json``.
+ε = ∞ is the same clipped, equally weighted FedAvg without noise. ``--seeds N`` runs every
+setting with N seeds (split, selection, training and noise all follow the seed) and
+reports the median and the range of the final accuracy.
+
+Run: ``.venv/bin/python benchmarks/privacy.py [--rounds 30] [--sites 100] [--seeds 3]
+[--modes central,adaptive,local]``; writes ``benchmarks/results/privacy.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +44,7 @@ from fedround.tasks.core.config import PrivacyConfig, StrategyConfig
 from fedround.tasks.core.hooks import apply_update_hooks, hooks_for
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.privacy import calibrate, epsilon
+from fedround.tasks.core.privacy.adaptive_clipping import AdaptiveClipping
 from fedround.tasks.core.privacy.dp_fedavg import wrap_strategy
 from fedround.tasks.core.selection import select_sites
 from fedround.tasks.core.serialization import Weights
@@ -59,21 +66,28 @@ def run(
     weights: Weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     strategy = StrategyConfig(weighting="uniform")
     noisy = sigma is not None
+    adaptive = AdaptiveClipping() if mode == "adaptive" else None
     privacy = PrivacyConfig(
         mode="local" if mode == "local" and noisy else "central",
         noise_multiplier=sigma if noisy else 1.0,
         clip_norm=clip_norm,
         noise_seed=seed,
+        adaptive_clipping={} if adaptive is not None else None,  # type: ignore[arg-type]
     )
-    accuracy = []
+    accuracy, clip_norms = [], []
+    state: dict[str, Any] = {}
     for round_ in range(1, job.rounds + 1):
         selected = select_sites(federation.names, job.fraction, 1, seed, round_)
         server = build_strategy(strategy)
         if noisy:
             assert sigma is not None
-            dp = wrap_strategy(server, privacy.mode, sigma, clip_norm, len(selected), seed + round_)
+            dp = wrap_strategy(
+                server, privacy.mode, sigma, clip_norm, len(selected), seed + round_, adaptive
+            )
         else:  # ε = ∞: clipping, equal weights, a noise of zero
-            dp = wrap_strategy(server, "central", 1e-12, clip_norm, len(selected), seed)
+            dp = wrap_strategy(server, "central", 1e-12, clip_norm, len(selected), seed, adaptive)
+        dp.load_state_dict(state)  # adaptive clipping's C, as a checkpoint carries it
+        clip_norms.append(getattr(dp, "clip_norm", clip_norm))
         dp.begin_round(weights)
         for site in selected:
             context = site_context(site, seed, round_)
@@ -83,11 +97,13 @@ def run(
             delta = {n: local.weights[n] - weights[n] for n in weights}
             dp.accumulate(apply_update_hooks(hooks, delta), len(federation.sites[site]))
         weights = dp.finish()
+        state = dp.state_dict()
         accuracy.append(evaluate(model, weights, federation.test)["accuracy"])
     return {
         "final_accuracy": accuracy[-1],
         "best_accuracy": max(accuracy),
         "accuracy": accuracy,
+        "clip_norm_by_round": clip_norms,
         "seconds": time.perf_counter() - started,
     }
 
@@ -98,6 +114,8 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=100)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--clip-norm", type=float, default=0.5)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per setting (spread)")
+    parser.add_argument("--modes", default="central,adaptive,local")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/privacy.json")
     args = parser.parse_args()
     job = Job(
@@ -118,34 +136,37 @@ def main() -> None:
         "sampling_rate": q_central,
         "runs": [],
     }
-    for mode in ("central", "local"):
-        q = q_central if mode == "central" else 1.0
+    for mode in args.modes.split(","):
+        q = q_central if mode != "local" else 1.0
         for target in EPSILONS:
             sigma = None if math.isinf(target) else calibrate(target, q, job.rounds, DELTA)
-            outcome = run(job, mode, sigma, args.clip_norm)
+            outcomes = [
+                run(job, mode, sigma, args.clip_norm, seed=SEED + i) for i in range(args.seeds)
+            ]
+            finals = sorted(o["final_accuracy"] for o in outcomes)
             spent = math.inf if sigma is None else epsilon(sigma, q, job.rounds, DELTA)
             row = {
                 "mode": mode,
                 "target_epsilon": None if math.isinf(target) else target,
                 "epsilon": None if math.isinf(spent) else spent,
                 "noise_multiplier": sigma,
-                "noise_on_mean_per_coordinate": (
-                    None
-                    if sigma is None
-                    else sigma
-                    * args.clip_norm
-                    / (sampled if mode == "central" else 1)
-                    / (1 if mode == "central" else math.sqrt(sampled))
-                ),
-                **{k: v for k, v in outcome.items() if k != "accuracy"},
-                "accuracy_by_round": outcome["accuracy"],
+                "seeds": args.seeds,
+                "final_accuracy_median": statistics.median(finals),
+                "final_accuracy_min": finals[0],
+                "final_accuracy_max": finals[-1],
+                "final_accuracy": [o["final_accuracy"] for o in outcomes],
+                "seconds": [o["seconds"] for o in outcomes],
+                "clip_norm_last_round": [o["clip_norm_by_round"][-1] for o in outcomes],
+                "accuracy_by_round": [o["accuracy"] for o in outcomes],
             }
             results["runs"].append(row)
             print(
                 f"{mode:<8} ε={'∞' if sigma is None else f'{target:g}':<4} "
                 f"σ={'-' if sigma is None else f'{sigma:.3f}':<7} "
-                f"accuracy {outcome['final_accuracy']:.3f} (best {outcome['best_accuracy']:.3f}) "
-                f"{outcome['seconds']:.0f}s",
+                f"accuracy median {row['final_accuracy_median']:.3f} "
+                f"[{finals[0]:.3f}, {finals[-1]:.3f}] over {args.seeds} seed(s), "
+                f"last C {statistics.median(row['clip_norm_last_round']):.3g}, "
+                f"{sum(row['seconds']):.0f}s",
                 flush=True,
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)

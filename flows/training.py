@@ -78,7 +78,8 @@ from fedround.tasks.core.limits import UPDATE_MANIFEST_MAX_BYTES
 from fedround.tasks.core.manifest import CheckpointManifest, GlobalManifest, UpdateManifest
 from fedround.tasks.core.models import build_model
 from fedround.tasks.core.preprocessing import Preprocessor, bound_summary, merge_summaries
-from fedround.tasks.core.privacy.dp_fedavg import wrap_strategy
+from fedround.tasks.core.privacy.adaptive_clipping import AdaptiveClipping
+from fedround.tasks.core.privacy.dp_fedavg import CentralDP, wrap_strategy
 from fedround.tasks.core.privacy.ledger import BudgetExceeded, BudgetReached
 from fedround.tasks.core.reputation import Reputation, split_state
 from fedround.tasks.core.round_table import RunOverview, SiteFigures, SiteRow, site_rows
@@ -212,13 +213,21 @@ def aggregate(
     With ``privacy`` on, DP-FedAvg wraps the strategy (``dp_sites``: the round's selected
     sites, its fixed denominator; ``dp_seed``: None for secret noise)."""
     strategy = build_strategy(strategy_config, population)
-    strategy.load_state_dict(split_state(strategy_state)[0])  # the run's reputation aside
     folding: Strategy = strategy
     if privacy is not None and privacy.enabled:
         assert privacy.noise_multiplier is not None and privacy.clip_norm is not None
+        adaptive = privacy.adaptive_clipping
         folding = wrap_strategy(
-            strategy, privacy.mode, privacy.noise_multiplier, privacy.clip_norm, dp_sites, dp_seed
+            strategy,
+            privacy.mode,
+            privacy.noise_multiplier,
+            privacy.clip_norm,
+            dp_sites,
+            dp_seed,
+            AdaptiveClipping(**adaptive.model_dump()) if adaptive is not None else None,
         )
+    own_state = split_state(strategy_state)[0]  # the run's reputation aside
+    folding.load_state_dict(own_state)  # DP's adaptive clip norm included
     outcome = aggregate_updates(open_store(store_settings), folding, global_weights, expectations)
     if outcome.clipped or outcome.unselected:
         get_run_logger().info(
@@ -229,7 +238,21 @@ def aggregate(
             strategy_config.aggregator,
             outcome.unselected or "none",
         )
-    return outcome, strategy.state_dict()
+    adapted = isinstance(folding, CentralDP) and folding.adaptive is not None
+    if adapted and outcome.weights is not None:
+        assert isinstance(folding, CentralDP)
+        outcome.stats["dp_clip_norm"] = folding.clip_norm
+        outcome.stats["dp_next_clip_norm"] = folding.next_clip_norm
+        if folding.unclipped_fraction is not None:
+            outcome.stats["dp_unclipped_fraction"] = folding.unclipped_fraction
+        get_run_logger().info(
+            "aggregate: adaptive clipping moved C from %.4g to %.4g (noised unclipped "
+            "fraction %.3g)",
+            folding.clip_norm,
+            folding.next_clip_norm,
+            folding.unclipped_fraction,
+        )
+    return outcome, folding.state_dict()
 
 
 def holdout_path(ctx: RunContext) -> Path | None:
@@ -540,6 +563,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     if config.privacy.enabled:  # spend, then release: recorded before the checkpoint
         spent = record_round(store, config, ctx.run_id, round_, selected)
         metrics["privacy_epsilon"] = spent
+        metrics.update({k: v for k, v in outcome.stats.items() if k.startswith("dp_")})
         logger.info("round %d: privacy spent by this run ε=%.4g", round_, spent)
     committed = _named(checkpoint, round_, "checkpoint")(
         ctx, round_, outcome.weights, strategy_state, metrics, sorted(outcome.accepted)

@@ -343,6 +343,12 @@ def privacy_tags(store: ObjectStore, config: FederationConfig, run_id: str) -> d
         if mine
         else "no entries",
     }
+    if privacy.adaptive_clipping is not None:
+        a = privacy.adaptive_clipping
+        tags["clip_norm"] = (
+            f"adaptive from {privacy.clip_norm:g} (quantile {a.target_quantile:g}, "
+            f"rate {a.learning_rate:g})"
+        )
     if privacy.budget is not None:
         total = spent_epsilon(
             (e.mechanism for e in tenant_entries), privacy.budget_delta, privacy.accountant

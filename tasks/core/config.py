@@ -614,6 +614,23 @@ class PrivacyBudgetConfig(_Strict):
     )
 
 
+class AdaptiveClippingConfig(_Strict):
+    """Adaptive clipping (Andrew et al., NeurIPS 2021): ``clip_norm`` is the first round's
+    C, and C then moves each round towards the ``target_quantile`` of the update norms
+    (see :mod:`fedround.tasks.core.privacy.adaptive_clipping`). Central DP only."""
+
+    target_quantile: float = Field(
+        0.5, gt=0, lt=1, description="γ: the fraction of updates that C should leave unclipped"
+    )
+    learning_rate: float = Field(0.2, gt=0, le=10, description="η: the step of C's update")
+    count_noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description="σ_b: the noise on the count of unclipped updates; default max(m/20, σ) "
+        "for m sites per round. Must be more than σ/2",
+    )
+
+
 class PrivacyConfig(_Strict):
     """Client-level differential privacy, DP-FedAvg (McMahan et al., ICLR 2018).
 
@@ -636,6 +653,9 @@ class PrivacyConfig(_Strict):
     budget: PrivacyBudgetConfig | None = Field(
         None, description="refuse runs that would spend more (per tenant and per site)"
     )
+    adaptive_clipping: AdaptiveClippingConfig | None = Field(
+        None, description="central only: C follows a quantile of the update norms"
+    )
     noise_seed: int | None = Field(
         None,
         description="tests and benchmarks only: a fixed seed for the noise (anyone who knows "
@@ -652,7 +672,13 @@ class PrivacyConfig(_Strict):
         if self.mode == "off":
             stray = [
                 name
-                for name in ("noise_multiplier", "clip_norm", "budget", "noise_seed")
+                for name in (
+                    "noise_multiplier",
+                    "clip_norm",
+                    "budget",
+                    "adaptive_clipping",
+                    "noise_seed",
+                )
                 if getattr(self, name) is not None
             ]
             if stray:
@@ -666,6 +692,21 @@ class PrivacyConfig(_Strict):
         ):
             if getattr(self, name) is None:
                 raise ValueError(f"mode: {self.mode} needs {name}: {meaning}")
+        adaptive = self.adaptive_clipping
+        if adaptive is not None:
+            if self.mode != "central":
+                raise ValueError(
+                    "adaptive_clipping needs mode: central (only there does the coordinator "
+                    "see the update norms it adapts to); remove it or use mode: central"
+                )
+            assert self.noise_multiplier is not None
+            sigma_b = adaptive.count_noise_multiplier
+            if sigma_b is not None and sigma_b <= self.noise_multiplier / 2:
+                raise ValueError(
+                    f"adaptive_clipping.count_noise_multiplier ({sigma_b:g}) must be more than "
+                    f"half of noise_multiplier ({self.noise_multiplier:g}): the count of "
+                    "unclipped updates would use up the round's whole privacy"
+                )
         return self
 
     @property

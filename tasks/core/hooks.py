@@ -127,7 +127,8 @@ def hooks_for(
     :mod:`fedround.site_workers.scaffold`).
 
     With ``privacy`` on, the last hook clips the finished update to ``clip_norm``
-    (``central``) or clips it and adds the noise (``local``; secret noise unless the config
+    (``central``, unless C is adaptive: only the coordinator knows the round's C) or
+    clips it and adds the noise (``local``; secret noise unless the config
     fixes ``noise_seed``, then mixed with the round's ``seed``)."""
     hooks: list[ClientHook] = []
     if strategy.name == "fedprox":
@@ -137,7 +138,8 @@ def hooks_for(
 
         assert privacy.clip_norm is not None and privacy.noise_multiplier is not None
         if privacy.mode == "central":
-            hooks.append(ClipUpdate(privacy.clip_norm))
+            if privacy.adaptive_clipping is None:  # adaptive: the coordinator clips to its C
+                hooks.append(ClipUpdate(privacy.clip_norm))
         else:
             noise_seed = None
             if privacy.noise_seed is not None:

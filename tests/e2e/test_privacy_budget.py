@@ -7,6 +7,9 @@ Scenario (NVFlare-style): trigger → fault → expected state.
   tenant budget of ε = 8 at δ = 1e-5: the run spends ε ≈ 6.57 (PLD), which MLflow
   shows per round (``privacy_epsilon``), the registered model version carries (ε, δ, σ,
   C, accountant, rounds, q) as tags, and ``fedround lineage`` prints.
+- C is adaptive (Andrew et al.): round 1 clips at 0.005, round 2 at the C that round 1's
+  noised count of unclipped updates moved it to (``dp_clip_norm`` in MLflow); the
+  accountant's ε is the same as with a fixed C.
 - The same federation run again would spend ε ≈ 10.0 in all: it is refused before it
   starts, naming the budget, the spend so far and the planned spend; no model is registered.
 - ``fedround privacy ledger`` prints the tenant's and a site's ledger: two rounds each.
@@ -40,7 +43,7 @@ data: {{source: mnist, train_size: 900, test_size: 300, split_seed: 42,
        partition: {{kind: iid, min_examples_per_site: 50}}}}
 selection: {{min_sites: 3, deadline_s: 300}}
 privacy: {{mode: central, noise_multiplier: 1.0, clip_norm: 0.005, delta: 1.0e-5,
-          budget: {{epsilon: 8.0}}}}
+          budget: {{epsilon: 8.0}}, adaptive_clipping: {{target_quantile: 0.5}}}}
 contract: {REPO}/deployments/examples/contracts/mnist-site-data.json
 sites: [{{name: site-a}}, {{name: site-b}}, {{name: site-c}}]
 """
@@ -87,11 +90,24 @@ def test_epsilon_is_logged_per_round_and_on_the_model_version(first_run: dict[st
     assert float(tags["fedround.privacy.epsilon"]) == pytest.approx(SPENT, rel=1e-5)
     assert tags["fedround.privacy.delta"] == "1e-05"
     assert tags["fedround.privacy.noise_multiplier"] == "1"
-    assert tags["fedround.privacy.clip_norm"] == "0.005"
+    assert tags["fedround.privacy.clip_norm"] == "adaptive from 0.005 (quantile 0.5, rate 0.2)"
     assert tags["fedround.privacy.accountant"] == "pld"
     assert tags["fedround.privacy.rounds"] == "2"
     assert tags["fedround.privacy.sampling_rate"] == "1"
     assert tags["fedround.privacy.mode"] == "central"
+
+
+def test_adaptive_clipping_moves_c_between_rounds(first_run: dict[str, Any]) -> None:
+    uri = first_run["mlflow"]["tracking_uri"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    history = client.get_metric_history(first_run["mlflow"]["run_id"], "dp_clip_norm")
+    clip = {m.step: m.value for m in history}
+    assert sorted(clip) == [1, 2]
+    assert clip[1] == pytest.approx(0.005)
+    # exp(±0.2·(b̄ − 0.5)) for a noised fraction b̄: moved, by a bounded factor
+    assert clip[2] != pytest.approx(0.005) and 0.005 / 3 < clip[2] < 0.005 * 3
+    fractions = client.get_metric_history(first_run["mlflow"]["run_id"], "dp_unclipped_fraction")
+    assert [m.step for m in fractions] == [1, 2]
 
 
 def test_lineage_prints_the_privacy_budget(first_run: dict[str, Any], state_dir: Path) -> None:

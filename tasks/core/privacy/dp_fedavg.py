@@ -20,6 +20,12 @@ counts the sites report: they are unbounded and self-reported, so they would mak
 sensitivity unbounded too. The server optimizer (FedAvg, FedAdam, …) only post-processes
 the noised mean, which costs no privacy.
 
+With ``privacy.adaptive_clipping`` (central only) C follows a quantile of the update norms
+from round to round (:mod:`.adaptive_clipping`): the coordinator counts the updates within
+C, noises the count, and moves C; the sum's noise multiplier is raised so that count and
+sum together stay at σ. The sites then send their updates unclipped (the coordinator
+clips), since a site clipping to a stale C would hide the norms the quantile is read from.
+
 Norms and noise cover the floating-point tensors; an integer buffer (a BatchNorm's batch
 counter) is averaged as it is, like everywhere else in fedround.
 """
@@ -38,7 +44,9 @@ from ..serialization import Weights
 from ..strategies.base import AggregationError, RoundReport, Strategy, Tensors
 from ..strategies.clipping import update_norm
 from ..strategies.server import ServerStrategy
+from .adaptive_clipping import AdaptiveClipping, next_clip_norm, update_noise_multiplier
 
+CLIP_STATE_KEY = "dp_clip_norm"  # adaptive clipping's next C, in the strategy state
 CLIP_TOLERANCE = 0.05
 """Relative excess over C below which the coordinator's re-clipping is not *reported* as
 clipping (it is still applied): a site's own float32 clipping lands within ~1e-7 of C, and
@@ -203,6 +211,7 @@ class CentralDP(_DPWrapper):
         clip_norm: float,
         expected_sites: int,
         seed: int | None = None,
+        adaptive: AdaptiveClipping | None = None,
     ) -> None:
         super().__init__(inner)
         if not noise_multiplier > 0:
@@ -212,14 +221,47 @@ class CentralDP(_DPWrapper):
         if expected_sites < 1:
             raise ValueError(f"expected_sites must be >= 1, got {expected_sites}")
         self.noise_multiplier = noise_multiplier
-        self.clip_norm = clip_norm
+        self.clip_norm = clip_norm  # this round's C (adaptive: from the checkpointed state)
         self.expected_sites = expected_sites
         self.seed = seed
+        self.adaptive = adaptive
+        self.count_noise = (
+            adaptive.count_noise(noise_multiplier, expected_sites) if adaptive else None
+        )
+        # The sum's own noise multiplier: σ, or z_Δ > σ when the count is released too.
+        self.sum_noise_multiplier = (
+            update_noise_multiplier(noise_multiplier, self.count_noise)
+            if self.count_noise is not None
+            else noise_multiplier
+        )
+        self.next_clip_norm = clip_norm
+        self.unclipped_fraction: float | None = None  # noised b̄ of the last round
+        self._unclipped = 0
 
     @property
     def noise_stddev(self) -> float:
-        """The noise on the averaged update: σ·C / m."""
-        return self.noise_multiplier * self.clip_norm / self.expected_sites
+        """The noise on the averaged update: σ·C / m (z_Δ·C / m with adaptive clipping)."""
+        return self.sum_noise_multiplier * self.clip_norm / self.expected_sites
+
+    def begin_round(self, global_weights: Tensors) -> None:
+        super().begin_round(global_weights)
+        self._unclipped = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.inner.state_dict()
+        if self.adaptive is not None:
+            state[CLIP_STATE_KEY] = self.next_clip_norm  # checkpointed: a resume keeps C
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        rest = {k: v for k, v in state.items() if k != CLIP_STATE_KEY}
+        self.inner.load_state_dict(rest)
+        stored = state.get(CLIP_STATE_KEY)
+        if self.adaptive is not None and stored is not None:
+            value = float(stored)
+            if not value > 0 or not math.isfinite(value):
+                raise ValueError(f"checkpointed clip norm {stored!r} is not a number > 0")
+            self.clip_norm = self.next_clip_norm = value
 
     def accumulate(self, update: Tensors, num_examples: int) -> None:
         del num_examples  # self-reported and unbounded: DP-FedAvg weighs sites alike
@@ -227,7 +269,9 @@ class CentralDP(_DPWrapper):
             name: t.detach().to(torch.float64) if t.is_floating_point() else t
             for name, t in update.items()
         }
-        self._report.norms.append(update_norm(wide))
+        norm = update_norm(wide)
+        self._report.norms.append(norm)
+        self._unclipped += norm <= self.clip_norm
         clipped, factor = clip_update(wide, self.clip_norm)
         # A site that clipped its own update may arrive a rounding error above C: that
         # is no clipping worth reporting (clipped sites get a reputation strike).
@@ -243,7 +287,9 @@ class CentralDP(_DPWrapper):
                 "denominator must not be smaller than the sites that can contribute"
             )
         generator = noise_generator(self.seed)
-        noise = gaussian_noise(self._sum.sums, self.noise_multiplier * self.clip_norm, generator)
+        noise = gaussian_noise(
+            self._sum.sums, self.sum_noise_multiplier * self.clip_norm, generator
+        )
         delta: Weights = {}
         for name, total in self._sum.sums.items():
             if name in noise:
@@ -251,6 +297,15 @@ class CentralDP(_DPWrapper):
             else:  # integer buffers: the plain mean of what arrived
                 delta[name] = total / self._sum.count
         self._report.clip_bound = self.clip_norm
+        if self.adaptive is not None and self.count_noise is not None:
+            self.next_clip_norm, self.unclipped_fraction = next_clip_norm(
+                self.clip_norm,
+                self._unclipped,
+                self.expected_sites,
+                self.adaptive,
+                self.count_noise,
+                generator,
+            )
         return self._step(delta)
 
 
@@ -277,11 +332,15 @@ def wrap_strategy(
     clip_norm: float,
     expected_sites: int,
     seed: int | None = None,
+    adaptive: AdaptiveClipping | None = None,
 ) -> Strategy:
     """The coordinator's DP-FedAvg around ``inner`` (built from the ``strategy:`` section):
-    :class:`CentralDP` for ``mode: central``, :class:`LocalDPMean` for ``mode: local``."""
+    :class:`CentralDP` for ``mode: central`` (with ``adaptive`` clipping when given),
+    :class:`LocalDPMean` for ``mode: local``."""
     if mode == "central":
-        return CentralDP(inner, noise_multiplier, clip_norm, expected_sites, seed)
+        return CentralDP(inner, noise_multiplier, clip_norm, expected_sites, seed, adaptive)
+    if adaptive is not None:
+        raise ValueError("adaptive clipping needs mode: central (the coordinator reads the norms)")
     if mode == "local":
         return LocalDPMean(inner)
     raise ValueError(f"privacy mode must be central or local, got {mode!r}")
