@@ -238,9 +238,11 @@ def aggregate(
             strategy_config.aggregator,
             outcome.unselected or "none",
         )
-    adapted = isinstance(folding, CentralDP) and folding.adaptive is not None
-    if adapted and outcome.weights is not None:
-        assert isinstance(folding, CentralDP)
+    if (
+        isinstance(folding, CentralDP)
+        and folding.adaptive is not None
+        and outcome.weights is not None
+    ):
         outcome.stats["dp_clip_norm"] = folding.clip_norm
         outcome.stats["dp_next_clip_norm"] = folding.next_clip_norm
         if folding.unclipped_fraction is not None:

@@ -27,13 +27,18 @@ log = logging.getLogger(__name__)
 KEYS_SUBJECT = "site-keys"  # the ``model`` of key-registry audit entries
 
 
-def load_key_ring(store: ObjectStore, federation: str, site: str) -> KeyRing:
-    """The site's registered keys (an empty ring when none are)."""
+def _read_ring(store: ObjectStore, federation: str, site: str) -> tuple[KeyRing, bytes | None]:
+    """The site's ring and the bytes it was parsed from (None: no ring stored yet)."""
     try:
         raw = store.get(keys.site_keys_key(federation, site), max_bytes=UPDATE_MANIFEST_MAX_BYTES)
     except ObjectNotFound:
-        return KeyRing(site=site)
-    return KeyRing.from_json(raw)
+        return KeyRing(site=site), None
+    return KeyRing.from_json(raw), raw
+
+
+def load_key_ring(store: ObjectStore, federation: str, site: str) -> KeyRing:
+    """The site's registered keys (an empty ring when none are)."""
+    return _read_ring(store, federation, site)[0]
 
 
 def registered_sites(store: ObjectStore, federation: str) -> list[str]:
@@ -67,24 +72,21 @@ def _change_ring(
     site: str,
     change: Callable[[KeyRing], KeyRing | None],
     attempts: int = 20,
-) -> KeyRing:
+) -> tuple[KeyRing, bool]:
     """Apply ``change`` to the site's ring as a compare-and-swap: of two concurrent
     changes neither is lost (the loser reads the winner's ring and applies its change
-    again). ``change`` returns None when there is nothing to write."""
+    again). ``change`` returns None when there is nothing to write. Returns the ring and
+    whether this call wrote it."""
     key = keys.site_keys_key(federation, site)
     for _ in range(attempts):
-        try:
-            raw: bytes | None = store.get(key, max_bytes=UPDATE_MANIFEST_MAX_BYTES)
-        except ObjectNotFound:
-            raw = None
-        ring = KeyRing.from_json(raw) if raw is not None else KeyRing(site=site)
+        ring, raw = _read_ring(store, federation, site)
         updated = change(ring)
         if updated is None:
-            return ring
+            return ring, False
         data = updated.to_json()
         written = store.create(key, data) if raw is None else store.replace(key, data, raw)
         if written:
-            return updated
+            return updated, True
     raise ConfigError(
         f"could not update the key ring of site {site} of {federation} after {attempts} "
         "attempts: another writer keeps changing it"
@@ -92,14 +94,21 @@ def _change_ring(
 
 
 def _audit(
-    store: ObjectStore, federation: str, action: str, reason: str, details: dict[str, object]
-) -> None:
-    """One audit entry for a change of the key registry (logged, never raised: the change
-    itself is already written)."""
+    store: ObjectStore,
+    federation: str,
+    action: str,
+    subject: str,
+    reason: str,
+    details: dict[str, object],
+) -> bool:
+    """One audit entry about ``subject`` (a model, or the key registry); logged, never
+    raised, when it cannot be written: what it records has already happened."""
     try:
-        AuditLog(store, federation).append(action, KEYS_SUBJECT, reason=reason, details=details)
+        AuditLog(store, federation).append(action, subject, reason=reason, details=details)
     except FedroundError as exc:
-        log.error("the key registry of %s changed but the audit log was not: %s", federation, exc)
+        log.error("%s of %s was not written to the audit log: %s", action, federation, exc)
+        return False
+    return True
 
 
 def register_key(
@@ -127,14 +136,14 @@ def register_key(
         stamped = key.model_copy(update={"registered_at": now})
         return ring.with_key(stamped, now + overlap if overlap is not None else None)
 
-    before = load_key_ring(store, federation, site)
-    updated = _change_ring(store, federation, site, add)
-    if updated != before:
+    updated, changed = _change_ring(store, federation, site, add)
+    if changed:
         log.info("registered key %s for site %s of %s", key.key_id, site, federation)
         _audit(
             store,
             federation,
             "key-register",
+            KEYS_SUBJECT,
             f"key {key.key_id} registered for site {site}"
             + (f", other keys retired after {overlap}" if overlap is not None else ""),
             {"site": site, "key_id": key.key_id, "overlap_s": overlap and overlap.total_seconds()},
@@ -149,7 +158,7 @@ def revoke_key(store: ObjectStore, federation: str, site: str, key_id: str, reas
     if not reason.strip():
         raise ConfigError("a revocation needs a reason (it goes to the audit log)")
     now = datetime.now(UTC)
-    updated = _change_ring(
+    updated, _ = _change_ring(
         store, federation, site, lambda ring: ring.revoked(key_id, now, reason.strip())
     )
     log.warning("revoked key %s of site %s of %s: %s", key_id, site, federation, reason)
@@ -157,6 +166,7 @@ def revoke_key(store: ObjectStore, federation: str, site: str, key_id: str, reas
         store,
         federation,
         "key-revoke",
+        KEYS_SUBJECT,
         reason.strip(),
         {"site": site, "key_id": key_id},
     )
@@ -184,17 +194,8 @@ def audit_signature_rejections(
     table and the log. Returns the number of entries written."""
     written = 0
     for site, why in sorted(rejected.items()):
-        reason = why.split(":", 1)[0]
-        if reason not in SIGNATURE_REJECTIONS:
-            continue
-        try:
-            AuditLog(store, federation).append(
-                "update-rejected",
-                model,
-                reason=why[:500],
-                details={"site": site, "run_id": run_id, "round": round_, "check": reason},
-            )
-            written += 1
-        except FedroundError as exc:
-            log.error("the rejected update of site %s was not audited: %s", site, exc)
+        check = why.split(":", 1)[0]
+        if check in SIGNATURE_REJECTIONS:
+            details = {"site": site, "run_id": run_id, "round": round_, "check": check}
+            written += _audit(store, federation, "update-rejected", model, why[:500], details)
     return written
