@@ -55,6 +55,7 @@ from fedround.tasks.core.strategies import BufferedAsync, NormClipping, build_op
 from fedround.tasks.core.validation import UpdateExpectation, tensor_specs
 from fedround.tasks.object_store import ObjectStore, open_store
 from fedround.tasks.site_keys import audit_signature_rejections, signing_keys
+from fedround.tasks.site_storage import site_over_quota
 from fedround.tasks.tracking import RunTracker
 
 FEDBUFF_STATE = "fedbuff"
@@ -154,6 +155,13 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
         idle.sort(key=lambda site: (trained_on.get(site, -1), site))  # longest waiting first
         room = config.async_concurrency - len(training)
         for site in idle[: max(room, 0)]:
+            over_quota = site_over_quota(store, config.federation, site, config.limits)
+            if over_quota is not None:
+                trained_on[site] = version
+                parked[site] = (version, over_quota)
+                now.failed[site] = over_quota
+                logger.warning("site %s left out of version %d: %s", site, version + 1, over_quota)
+                continue
             announced = published[version]
             spec = round_spec(ctx, version + 1, site, announced).model_copy(
                 update={"dispatched_at": time.time()}

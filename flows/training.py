@@ -101,6 +101,7 @@ from fedround.tasks.run_lineage import TrainingLineage
 from fedround.tasks.run_lock import check_run_lease, hold_run_lock
 from fedround.tasks.runtime import CoordinatorSettings
 from fedround.tasks.site_keys import audit_signature_rejections, signing_keys
+from fedround.tasks.site_storage import sites_over_quota
 from fedround.tasks.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -474,10 +475,14 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     over = round_fits(store, config, ctx.run_id, round_, selected)
     if over is not None:
         raise BudgetReached(f"round {round_} would exceed it: {over.refusal()}")
-    evaluators = set(evaluating_sites(selected, config.evaluation.federated, config.seed, round_))
+    over_quota = sites_over_quota(store, config.federation, selected, config.limits)
+    for site, reason in over_quota.items():
+        logger.warning("site %s left out of round %d: %s", site, round_, reason)
+    sent = [site for site in selected if site not in over_quota]
+    evaluators = set(evaluating_sites(sent, config.evaluation.federated, config.seed, round_))
     specs = [
         round_spec(ctx, round_, site, announced, control_sha256, site in evaluators)
-        for site in selected
+        for site in sent
     ]
     opened = time.time()
     specs = [spec.model_copy(update={"dispatched_at": opened}) for spec in specs]
@@ -492,6 +497,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     }
     done, failed = _collect(futures)
     failed.update({site: "skipped: its site is down" for site in down})
+    failed.update(over_quota)
     for site, reason in failed.items():
         logger.warning("site %s left out of round %d: %s", site, round_, reason)
     tensors = tensor_specs(previous.weights, control=scaffold)

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from fedround.tasks.core.errors import ConfigError, ObjectNotFound, ObjectStoreError, ObjectTooLarge
+from fedround.tasks.core.quota import PrefixUsage
 
 _Headers = dict[str, str | list[str] | tuple[str]]  # what the MinIO SDK accepts as headers
 
@@ -60,6 +61,12 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove a key; absent keys are fine."""
+
+    @abstractmethod
+    def usage(self, prefix: str, max_objects: int | None = None) -> PrefixUsage:
+        """The bytes and count of the current objects under ``prefix`` (recursive). With
+        ``max_objects``, counting stops after ``max_objects + 1`` objects (``complete``
+        false): enough to tell that a quota is broken without listing a flood of them."""
 
     @abstractmethod
     def uri(self, key: str) -> str:
@@ -141,6 +148,35 @@ class LocalObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def usage(self, prefix: str, max_objects: int | None = None) -> PrefixUsage:
+        # Every file counts, a write's temporary file too: it takes space like any other.
+        base = os.path.join(self.root, prefix) if prefix else str(self.root)
+        if prefix.endswith("/") or not prefix:
+            folders, wanted = [base.rstrip("/")], ""  # everything under it
+        else:  # a partial name ('a/b' matches 'a/b/…' and 'a/bc'): filter the parent's entries
+            folders, wanted = [os.path.dirname(base)], base
+        total = count = 0
+        while folders:
+            try:
+                entries = os.scandir(folders.pop())
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with entries:
+                for entry in entries:
+                    if wanted and not entry.path.startswith(wanted):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        if max_objects is not None and count > max_objects:
+                            return PrefixUsage(total, count, complete=False)
+                        try:
+                            total += entry.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue  # deleted while listed
+                        count += 1
+        return PrefixUsage(total, count)
 
     def _temp_copy(self, path: Path, data: bytes) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +281,21 @@ class S3ObjectStore(ObjectStore):
             return sorted(str(obj.object_name) for obj in found if obj.object_name)
         except Exception as exc:
             raise self._error(prefix, exc) from exc
+
+    def usage(self, prefix: str, max_objects: int | None = None) -> PrefixUsage:
+        # One listing, whose entries carry the sizes: no request per object.
+        total = count = 0
+        try:
+            for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+                if obj.is_dir:
+                    continue
+                if max_objects is not None and count > max_objects:
+                    return PrefixUsage(total, count, complete=False)
+                total += int(obj.size or 0)
+                count += 1
+        except Exception as exc:
+            raise self._error(prefix, exc) from exc
+        return PrefixUsage(total, count)
 
     def delete(self, key: str) -> None:
         try:

@@ -738,6 +738,19 @@ class LimitsConfig(_Strict):
         description="reject an update whose manifest is not signed by one of its site's "
         "registered keys (fedround keys list); false: unsigned updates are accepted",
     )
+    site_storage_bytes: int = Field(
+        8 * 1024**3,
+        ge=1,
+        description="the most bytes a site may hold under its update prefix "
+        "(<federation>/updates/<site>/, every run's updates and control objects): past it "
+        "the site is left out of rounds, with the reason, until an operator frees space",
+    )
+    site_storage_objects: int = Field(
+        200_000,
+        ge=1,
+        description="the most objects a site may hold under its update prefix (see "
+        "site_storage_bytes)",
+    )
 
 
 class RegistryConfig(_Strict):

@@ -20,7 +20,7 @@ from fedround.flows.cli.main import app
 from fedround.tasks.audit import AuditLog
 from fedround.tasks.checkpoints import MANIFEST, WEIGHTS, load_checkpoint, save_checkpoint
 from fedround.tasks.core import keys
-from fedround.tasks.core.config import ModelConfig, parse_federation_config
+from fedround.tasks.core.config import LimitsConfig, ModelConfig, parse_federation_config
 from fedround.tasks.core.errors import CheckpointError, ObjectTooLarge
 from fedround.tasks.core.manifest import CheckpointManifest
 from fedround.tasks.core.models import build_model
@@ -35,6 +35,7 @@ from fedround.tasks.retention import (
     registered_digests,
     versioning_status,
 )
+from fedround.tasks.site_storage import sites_over_quota
 from fedround.tasks.tracking import RunTracker
 from tests.services import Endpoints
 
@@ -414,3 +415,29 @@ def test_old_heartbeat_versions_are_deleted_by_the_coordinator_on_s3(
     dispatcher.close_run("finished")  # at the end: every session of the run
     assert [versions(key) for key in beats.values()] == [1, 1]
     assert json.loads(store.get(beats["site-b"]))["beat"] >= 30
+
+
+# --- per-site storage quotas on the real S3 server ------------------------------------------
+
+
+def test_site_storage_is_measured_from_one_listing_on_s3(s3_service: Endpoints) -> None:
+    """The update prefix's current objects are counted by size from the listing (an
+    overwrite replaces, a sibling prefix is not counted), counting stops past the object
+    cap, and the site over its quota is the one left out."""
+    store = admin_store(s3_service)
+    federation = f"quota-{uuid.uuid4().hex[:8]}"
+    a = keys.site_write_prefix(federation, "site-a")
+    for i in range(3):
+        store.put(f"{a}run/round-{i:04d}/update.safetensors", b"u" * 1000)
+    store.put(f"{a}run/round-0000/update.safetensors", b"u" * 1500)  # overwritten
+    store.put(f"{keys.site_write_prefix(federation, 'site-ab')}junk.bin", b"j" * 9000)
+    for i in range(12):
+        store.put(f"{keys.site_write_prefix(federation, 'site-b')}junk/{i}", b"j")
+    assert store.usage(a).bytes == 3500 and store.usage(a).objects == 3
+    capped = store.usage(keys.site_write_prefix(federation, "site-b"), max_objects=4)
+    assert capped.objects == 5 and not capped.complete
+    limits = LimitsConfig(site_storage_bytes=4000, site_storage_objects=10)
+    over = sites_over_quota(store, federation, ["site-a", "site-ab", "site-b"], limits)
+    assert sorted(over) == ["site-ab", "site-b"]
+    assert "holds 8.8 KiB (9,000 bytes)" in over["site-ab"]
+    assert "holds at least 11 objects" in over["site-b"]
