@@ -192,8 +192,17 @@ def identities_path(services_dir: Path) -> Path:
     return services_dir / "identities.json"
 
 
+def new_secret() -> str:
+    """A random secret key (240 bits) that never starts with ``-``: people paste it into
+    command lines (``dvc remote modify … secret_access_key <key>``, ``mc alias set``),
+    where a leading dash would be read as an option."""
+    while (secret := secrets.token_urlsafe(30)).startswith("-"):
+        pass
+    return secret
+
+
 def new_keys(prefix: str) -> S3Keys:
-    return S3Keys(f"{prefix}{secrets.token_hex(8)}", secrets.token_urlsafe(30))
+    return S3Keys(f"{prefix}{secrets.token_hex(8)}", new_secret())
 
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:

@@ -38,6 +38,8 @@ from fedround.tasks.core.errors import ConfigError
 from fedround.tasks.object_store import ObjectStoreSettings
 from fedround.tasks.runtime import CoordinatorSettings
 
+pytestmark = pytest.mark.security("secrets-in-image")
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deployments"
 PACKAGES = ("api", "flows", "tasks", "site_workers", "mlflow_plugins")
@@ -819,3 +821,17 @@ def test_minio_init_refuses_placeholder_secrets_before_touching_minio(
     # old versions of what sites write (heartbeats every second) expire after a day
     rule = "ilm rule add --prefix mnist-demo/updates/ --noncurrent-expire-days 1 fedround/fedround"
     assert rule in calls.read_text()
+
+
+def test_generated_secret_keys_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key starting with '-' breaks `dvc remote modify … secret_access_key <key>` (read as
+    an option). The random source is replaced to force the case (1 draw in 64 otherwise)."""
+    import secrets
+
+    from fedround.flows.services import s3
+
+    draws = iter(["-starts-with-a-dash", "_fine-key"])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(draws))
+    assert s3.new_secret() == "_fine-key"
+    monkeypatch.undo()
+    assert all(not s3.new_keys("site-").secret_key.startswith("-") for _ in range(200))
