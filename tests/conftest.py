@@ -17,4 +17,4 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 # Real local services (S3, MLflow, Prefect on Postgres) as session fixtures: see tests/services.py.
-pytest_plugins = ["tests.services"]
+pytest_plugins = ["tests.services", "tests.security_report"]

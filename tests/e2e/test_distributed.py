@@ -466,6 +466,7 @@ def test_deployment_run_trains_through_the_coordinator_pool(
     assert json.loads(final)["weights_sha256"] == baseline["checkpoint"]["weights_sha256"]
 
 
+@pytest.mark.security("control-plane-code")
 def test_a_site_worker_refuses_code_that_is_not_a_site_flow(federation: Federation) -> None:
     """Someone who can reach the Prefect API puts a deployment of other code in site-a's
     pool: site-a's worker marks its run crashed, saying what it runs, and runs nothing."""

@@ -184,6 +184,7 @@ def test_killed_run_resumes_to_identical_weights(
     )
 
 
+@pytest.mark.security("untrusted-site-objects")
 def test_tampered_checkpoint_is_refused_on_resume(
     first_run: dict[str, Any], state_dir: Path
 ) -> None:
@@ -202,6 +203,7 @@ def test_tampered_checkpoint_is_refused_on_resume(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.security("two-coordinators")
 def test_a_second_coordinator_on_a_live_run_id_is_refused(
     first_run: dict[str, Any], state_dir: Path
 ) -> None:

@@ -138,6 +138,7 @@ def _rejections(federation: Path, run_id: str) -> list[tuple[str, int, str]]:
     ]
 
 
+@pytest.mark.security("unsigned-updates", "storage-growth")
 def test_the_hostile_sites_are_left_out_with_their_reasons_and_the_run_completes(
     result: dict[str, Any], federation: Path
 ) -> None:
@@ -164,6 +165,7 @@ def test_the_hostile_sites_are_left_out_with_their_reasons_and_the_run_completes
         assert not store.exists(keys.update_key(FEDERATION, result["run_id"], round_, "site-d"))
 
 
+@pytest.mark.security("unsigned-updates")
 def test_each_rejected_signature_is_in_the_audit_log(
     result: dict[str, Any], federation: Path
 ) -> None:
@@ -173,6 +175,7 @@ def test_each_rejected_signature_is_in_the_audit_log(
     ]
 
 
+@pytest.mark.security("unsigned-updates", "storage-growth")
 def test_async_versions_reject_and_audit_the_wrong_key_and_skip_the_flooded_site(
     async_result: dict[str, Any], federation: Path
 ) -> None:

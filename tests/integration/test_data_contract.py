@@ -172,6 +172,7 @@ def test_missing_table_column_is_named(tmp_path: Path, clinic) -> None:
     }
 
 
+@pytest.mark.security("secrets-in-logs")
 def test_out_of_range_values_name_column_rule_and_count_but_never_the_values(
     tmp_path: Path, clinic
 ) -> None:

@@ -109,6 +109,7 @@ def test_lock_is_atomic_across_processes_on_s3(s3_service: Endpoints) -> None:
         assert sum(wins) == 1, wins
 
 
+@pytest.mark.security("audit-unanchored")
 def test_audit_log_appends_concurrently_and_chains_on_s3(s3_service: Endpoints) -> None:
     audit = AuditLog(admin_store(s3_service), f"audit-{uuid.uuid4().hex[:8]}")
     from concurrent.futures import ThreadPoolExecutor
@@ -126,6 +127,7 @@ def test_audit_log_appends_concurrently_and_chains_on_s3(s3_service: Endpoints) 
     ]
 
 
+@pytest.mark.security("unsigned-updates")
 def test_concurrent_key_registrations_and_a_revocation_all_land_on_s3(
     s3_service: Endpoints,
 ) -> None:
@@ -196,6 +198,7 @@ def registered(mlflow_service: Endpoints) -> tuple[str, str, str]:
     return federation, registered.version, config.model_name
 
 
+@pytest.mark.security("prune-loses-models")
 def test_retention_keeps_checkpoints_of_registered_versions(
     mlflow_service: Endpoints, registered: tuple[str, str, str]
 ) -> None:
@@ -323,6 +326,7 @@ def test_backup_and_restore_verify_every_digest(
     )
 
 
+@pytest.mark.security("untrusted-site-objects")
 def test_a_bounded_read_on_s3_stops_at_the_limit_and_the_client_stays_usable(
     s3_service: Endpoints,
 ) -> None:
@@ -347,6 +351,7 @@ def test_a_bounded_read_on_s3_stops_at_the_limit_and_the_client_stays_usable(
 # --- the run lease and lock breaking on S3 (If-Match on the lock's ETag) -------------------
 
 
+@pytest.mark.security("two-coordinators", "stale-lock")
 def test_run_lease_renews_refuses_a_second_coordinator_and_is_taken_over_on_s3(
     s3_service: Endpoints,
 ) -> None:
@@ -376,6 +381,7 @@ def test_run_lease_renews_refuses_a_second_coordinator_and_is_taken_over_on_s3(
 # --- heartbeats in a versioned bucket -------------------------------------------------------
 
 
+@pytest.mark.security("storage-growth")
 def test_old_heartbeat_versions_are_deleted_by_the_coordinator_on_s3(
     s3_service: Endpoints,
 ) -> None:
@@ -420,6 +426,7 @@ def test_old_heartbeat_versions_are_deleted_by_the_coordinator_on_s3(
 # --- per-site storage quotas on the real S3 server ------------------------------------------
 
 
+@pytest.mark.security("storage-growth")
 def test_site_storage_is_measured_from_one_listing_on_s3(s3_service: Endpoints) -> None:
     """The update prefix's current objects are counted by size from the listing (an
     overwrite replaces, a sibling prefix is not counted), counting stops past the object

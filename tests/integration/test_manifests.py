@@ -142,6 +142,7 @@ def test_compose_sites_reach_only_prefect_and_minio(compose: dict[str, Any]) -> 
             assert f"site_{site_name}_s3_{kind}_key" in services["s3-init"]["secrets"]
 
 
+@pytest.mark.security("secrets-in-image")
 def test_compose_secrets_stay_out_of_git(compose: dict[str, Any]) -> None:
     for secret in compose["secrets"].values():
         assert secret["file"].startswith("./secrets/")
@@ -270,6 +271,7 @@ def test_k8s_references_resolve(k8s: list[dict[str, Any]]) -> None:
                 assert source["secret"]["name"] in secrets, name
 
 
+@pytest.mark.security("secrets-in-image")
 def test_k8s_secrets_are_placeholders(k8s: list[dict[str, Any]]) -> None:
     for doc in k8s:
         if doc["kind"] == "Secret":

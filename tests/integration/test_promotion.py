@@ -302,6 +302,7 @@ def test_gate_fail_tags_the_version_and_keeps_production(world: World) -> None:
     assert (entry.action, entry.version, entry.details["gate"]) == ("reject", v2, "global_gain")
 
 
+@pytest.mark.security("promotion-crash")
 def test_tampered_or_missing_artifacts_are_refused(world: World) -> None:
     model = f"tamper-{uuid.uuid4().hex[:6]}"
     config = world.config(model)
@@ -521,6 +522,7 @@ DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.security("promotion-crash")
 def test_concurrent_promotions_exactly_one_wins(world: World) -> None:
     model = f"race-{uuid.uuid4().hex[:6]}"
     config = world.config(model)
@@ -571,6 +573,7 @@ class _Died(BaseException):
     """The promotion's process dies here."""
 
 
+@pytest.mark.security("promotion-crash", "stale-lock")
 def test_a_promotion_that_died_half_way_is_repaired_and_rollback_breaks_its_lock(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -637,6 +640,7 @@ def test_a_promotion_that_died_half_way_is_repaired_and_rollback_breaks_its_lock
         lock.verify()  # alice's process, were it alive, could write nothing more
 
 
+@pytest.mark.security("promotion-crash")
 def test_promote_repair_records_a_promotion_that_died_before_the_alias_moved(
     world: World,
 ) -> None:

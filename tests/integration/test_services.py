@@ -102,6 +102,7 @@ def test_all_services_healthy_on_loopback(
 
 
 @pytest.mark.slow
+@pytest.mark.security("site-credential-scope")
 def test_site_credentials_reach_only_their_prefixes(s3_service: Endpoints) -> None:
     federation, bucket = "perm-fed", s3_service.s3_bucket
     admin = _client(

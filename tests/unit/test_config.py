@@ -67,6 +67,7 @@ def test_duplicate_and_invalid_site_names_are_refused() -> None:
         parse_federation_config("federation: f\ncontract: c\nsites: [{name: Site_A}]\n")
 
 
+@pytest.mark.security("hostile-config-input")
 def test_not_yaml_and_missing_file_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_federation_config("federation: [unclosed")
@@ -284,12 +285,14 @@ def test_unknown_mode_lists_the_choices() -> None:
         ("promotion: {min_gain: -.inf}", "promotion.min_gain"),
     ],
 )
+@pytest.mark.security("hostile-config-input")
 def test_infinite_or_nan_settings_are_refused_with_the_field(extra: str, field: str) -> None:
     with pytest.raises(ConfigError, match=rf"{field}: Input should be a finite number"):
         parse_federation_config(MINIMAL + extra + "\n")
 
 
 @pytest.mark.parametrize("run_id", ["../other", "a/b", "", "-x", "x" * 101, "a..b", "名前"])
+@pytest.mark.security("hostile-config-input")
 def test_a_run_id_that_cannot_name_a_run_is_refused(run_id: str) -> None:
     with pytest.raises(ConfigError, match="cannot name a run: use 1-100 letters"):
         check_run_id(run_id)
@@ -309,6 +312,7 @@ def test_good_run_ids_pass() -> None:
         ('{"name": "s"}', "is not a suite"),
     ],
 )
+@pytest.mark.security("hostile-config-input")
 def test_a_missing_or_broken_contract_is_a_config_error(
     tmp_path: Path, content: str | None, message: str
 ) -> None:

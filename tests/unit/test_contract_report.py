@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fedround.tasks.core.contract_report import (
     MISSING_COLUMN,
     ContractReport,
@@ -54,6 +56,7 @@ def _passed(site: str, rows: int) -> ContractReport:
     return ContractReport(site=site, suite="s", success=True, row_count=rows, results=[])
 
 
+@pytest.mark.security("self-reported-weight")
 def test_a_site_claiming_more_rows_than_the_limit_is_left_out_not_trusted() -> None:
     outcomes: dict[str, ContractReport | BaseException] = {
         "honest": _passed("honest", 500),

@@ -63,6 +63,7 @@ def test_a_site_cannot_outweigh_the_others_past_its_cap() -> None:
     assert federated["federated_examples"] == 100
 
 
+@pytest.mark.security("untrusted-site-objects")
 def test_sites_without_figures_and_non_finite_values_are_left_out() -> None:
     reports = {
         "a": eval_report({"accuracy": 0.5, "loss": math.nan}, 10),
@@ -144,6 +145,7 @@ def test_a_site_like_the_federation_has_no_skew() -> None:
     assert skew["b"].tv_distance == pytest.approx(0.0)
 
 
+@pytest.mark.security("self-reported-weight")
 def test_counts_are_bounded_by_the_rows_checked() -> None:
     assert bounded_counts({"0": 300, "1": 100, "2": -5, "3": math.inf}, 40) == {
         "0": 30.0,

@@ -59,6 +59,7 @@ def test_exactly_one_of_many_processes_gets_the_lock(store: LocalObjectStore) ->
             assert sum(wins) == 1, wins
 
 
+@pytest.mark.security("stale-lock")
 def test_lock_held_names_the_holder_and_expired_lock_is_taken_over(
     store: LocalObjectStore,
 ) -> None:
@@ -121,6 +122,7 @@ def _entry_key(sequence: int) -> str:
     return keys.audit_entry_key("f", sequence)
 
 
+@pytest.mark.security("audit-unanchored")
 def test_malformed_lines_are_reported_and_the_rest_still_checked(
     store: LocalObjectStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -159,6 +161,7 @@ def test_malformed_lines_are_reported_and_the_rest_still_checked(
     assert len(audit.verify()) == 5
 
 
+@pytest.mark.security("audit-unanchored")
 def test_the_head_reveals_entries_deleted_from_the_end(store: LocalObjectStore) -> None:
     audit = AuditLog(store, "f")
     for i in range(3):
@@ -183,6 +186,7 @@ def test_the_head_reveals_entries_deleted_from_the_end(store: LocalObjectStore) 
     ]
 
 
+@pytest.mark.security("audit-unanchored")
 def test_a_log_rewritten_with_a_valid_chain_does_not_match_its_head(
     store: LocalObjectStore,
 ) -> None:
@@ -244,6 +248,7 @@ def test_a_log_from_before_heads_gets_a_note_and_a_head_on_its_next_append(
     ]
 
 
+@pytest.mark.security("audit-unanchored")
 def test_an_unreadable_head_fails_the_check_and_an_append_past_the_head_is_a_note(
     store: LocalObjectStore,
 ) -> None:
@@ -290,6 +295,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     os.environ.update(saved)
 
 
+@pytest.mark.security("audit-unanchored")
 def test_cli_audit_reports_a_malformed_line_without_a_traceback(state: Path) -> None:
     store = LocalObjectStore(state / "objects")
     audit = AuditLog(store, "f")

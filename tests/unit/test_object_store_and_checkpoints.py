@@ -40,6 +40,7 @@ def test_put_get_list_delete(store: LocalObjectStore) -> None:
 
 
 @pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/./b", ""])
+@pytest.mark.security("untrusted-site-objects")
 def test_keys_cannot_escape_the_store(store: LocalObjectStore, key: str) -> None:
     with pytest.raises(ValueError, match="invalid object key"):
         store.put(key, b"x")

@@ -189,6 +189,7 @@ def test_numeric_none_keeps_raw_values() -> None:
     assert prep.transform_features(site)[:, 0].tolist() == [5.0, 7.0]
 
 
+@pytest.mark.security("self-reported-weight")
 def test_bound_summary_clips_an_inflated_row_count_and_scales_its_sums() -> None:
     # Prepare: a site claims 10**12 rows of age 50; its contract checked 100 rows
     claim = SiteSummary(

@@ -22,6 +22,8 @@ from fedround.tasks.locks import Lock, LockLost, read_lock
 from fedround.tasks.object_store import LocalObjectStore
 from fedround.tasks.registry import CANDIDATE, DEPRECATED, PRODUCTION
 
+pytestmark = pytest.mark.security("promotion-crash")
+
 
 @dataclass
 class Version:
@@ -216,6 +218,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     os.environ.update(saved)
 
 
+@pytest.mark.security("stale-lock")
 def test_cli_breaks_a_lock_only_with_a_reason_and_audits_it(state: Path) -> None:
     store = LocalObjectStore(state / "objects")
     key = keys.lock_key("f", "promotion-m")

@@ -33,6 +33,8 @@ from fedround.tasks.retention import (
     prune_checkpoints,
 )
 
+pytestmark = pytest.mark.security("prune-loses-models")
+
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connection refused at once
 
 
@@ -206,6 +208,7 @@ def test_an_empty_registry_and_no_checkpoints_is_not_refused(
 
 
 @pytest.mark.usefixtures("no_mlflow_retries")
+@pytest.mark.security("secrets-in-logs")
 def test_an_unreachable_registry_refuses_without_showing_credentials(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -35,6 +35,8 @@ from fedround.tasks.run_lock import (
     lease_seconds,
 )
 
+pytestmark = pytest.mark.security("two-coordinators")
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> LocalObjectStore:
@@ -176,6 +178,7 @@ def test_a_holder_that_lost_its_lease_stops_before_the_checkpoint(
             check_run_lease("fed", "lost")
 
 
+@pytest.mark.security("stale-lock")
 def test_breaking_a_lock_needs_a_reason_and_frees_it_for_the_next_holder(
     store: LocalObjectStore,
 ) -> None:
@@ -199,6 +202,7 @@ def test_breaking_a_lock_needs_a_reason_and_frees_it_for_the_next_holder(
         break_lock(store, "fed/locks/none.json", "why not")
 
 
+@pytest.mark.security("stale-lock")
 def test_breaking_a_lock_that_changed_meanwhile_is_refused(
     store: LocalObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

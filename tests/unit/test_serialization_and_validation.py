@@ -109,12 +109,14 @@ def test_missing_and_extra_tensors_are_rejected() -> None:
     assert "['conv.bias']" in str(error) and "['extra']" in str(error)
 
 
+@pytest.mark.security("untrusted-site-objects")
 def test_oversized_update_is_rejected_before_parsing() -> None:
     payload = weights_to_bytes(_update())
     small = dataclasses.replace(EXPECTED, max_bytes=len(payload) - 1)
     assert _rejected(_manifest(payload), payload, small).reason is RejectReason.TOO_LARGE
 
 
+@pytest.mark.security("untrusted-site-objects")
 def test_malformed_payload_is_rejected_not_parsed_as_pickle() -> None:
     payload = b"\x80\x04\x95 definitely a pickle, never loaded"
     error = _rejected(_manifest(payload), payload)

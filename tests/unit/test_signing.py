@@ -38,6 +38,8 @@ from fedround.tasks.core.validation import UpdateExpectation, check_manifest, te
 from fedround.tasks.object_store import LocalObjectStore, ObjectStoreSettings
 from fedround.tasks.site_keys import load_key_ring, register_key, signing_keys
 
+pytestmark = pytest.mark.security("unsigned-updates")
+
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 SITE_KEY = SigningKey.generate()
 OTHER_KEY = SigningKey.generate()
@@ -167,6 +169,7 @@ def test_signed_bytes_are_canonical_and_skip_unsigned_fields() -> None:
     verify_manifest(later, [SITE_KEY.registered()], NOW)
 
 
+@pytest.mark.security("secrets-in-logs")
 def test_key_text_round_trips_and_hides_in_repr() -> None:
     again = SigningKey.from_text(SITE_KEY.private_text())
 

@@ -24,6 +24,8 @@ from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.validation import UpdateExpectation
 from fedround.tasks.object_store import LocalObjectStore
 
+pytestmark = pytest.mark.security("untrusted-site-objects")
+
 CONFIG = Path(__file__).parents[1] / "e2e" / "distributed.yaml"
 RUN, SITE = "run-1", "site-a"
 

@@ -15,6 +15,8 @@ from fedround.tasks.core.quota import PrefixUsage, quota_breach
 from fedround.tasks.object_store import LocalObjectStore
 from fedround.tasks.site_storage import site_over_quota, sites_over_quota
 
+pytestmark = pytest.mark.security("storage-growth")
+
 PREFIX = "fed/updates/site-a/"
 
 

@@ -17,6 +17,7 @@ from fedround.tasks.core.strategies import (
 )
 
 
+@pytest.mark.security("self-reported-weight")
 def test_one_dominant_site_is_cut_to_the_cap() -> None:
     # Prepare: 1,000 vs 10, 10, 10 examples; cap 0.4
     # Execute

@@ -1,0 +1,119 @@
+"""The security scenario suite: the findings of the hardening review, and their tests.
+
+A test that tries a finding against the real components carries
+``@pytest.mark.security("<finding id>")``. At the end of a session pytest prints, for
+each finding, how many of its scenarios were tried and how many were refused or survived
+(:mod:`tests.conftest`); ``tests/unit/test_security_catalogue.py`` checks that every
+finding marked ``refused`` or ``partial`` has scenarios and that every mark names a
+finding here. ``open`` findings have no defence yet; ``note`` says what is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Status = Literal["refused", "partial", "open"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    summary: str
+    status: Status
+    note: str = ""
+
+
+FINDINGS: tuple[Finding, ...] = (
+    Finding(
+        "control-plane-code",
+        "a site creates or runs a deployment outside its own pool",
+        "partial",
+        "site workers run only fedround's site flows; the Prefect API itself has no "
+        "authentication (issue 12, item 1)",
+    ),
+    Finding(
+        "control-plane-auth-tls",
+        "Prefect and MLflow without authentication or TLS; anyone reaching MLflow moves "
+        "the production alias",
+        "open",
+        "no auth app, proxy or TLS in the manifests yet (issue 12, item 1)",
+    ),
+    Finding(
+        "secrets-in-image",
+        "MinIO's root password and site keys in the image; placeholder secrets accepted",
+        "refused",
+    ),
+    Finding(
+        "site-credential-scope",
+        "a site's S3 credential reads or writes beyond its own prefixes",
+        "refused",
+    ),
+    Finding(
+        "self-reported-weight",
+        "a site claims 10^12 rows (or inflated evaluation counts) and outweighs the others",
+        "refused",
+    ),
+    Finding(
+        "untrusted-site-objects",
+        "a malformed, oversized or swapped heartbeat, report, error or update fails the run "
+        "or exhausts memory",
+        "refused",
+    ),
+    Finding(
+        "unsigned-updates",
+        "a forged, wrong-key, tampered, replayed or truncated update is aggregated",
+        "refused",
+    ),
+    Finding(
+        "two-coordinators",
+        "two coordinators on one run id overwrite each other's checkpoints",
+        "refused",
+    ),
+    Finding(
+        "promotion-crash",
+        "a promotion that dies between the alias switch and the audit entry is never repaired",
+        "refused",
+    ),
+    Finding(
+        "stale-lock",
+        "a crashed holder's lock blocks an emergency rollback with no way to break it",
+        "refused",
+    ),
+    Finding(
+        "audit-unanchored",
+        "deleting the audit log's last entries or rewriting it goes unnoticed; a malformed "
+        "line crashes --verify",
+        "refused",
+    ),
+    Finding(
+        "prune-loses-models",
+        "prune with an empty or unreachable registry, or --older-than 0s, deletes what a "
+        "model or a live run needs",
+        "refused",
+    ),
+    Finding(
+        "storage-growth",
+        "heartbeat versions and a site's own objects fill the bucket",
+        "refused",
+    ),
+    Finding(
+        "tenant-isolation",
+        "tenant is only a label: one bucket, identity, MLflow and Prefect for all tenants",
+        "open",
+        "per-tenant buckets, identities and permissions not built (issue 12, item 7)",
+    ),
+    Finding(
+        "hostile-config-input",
+        "non-finite floats, a run id with '/' or '..', a missing contract: a traceback or a "
+        "run that waits forever",
+        "refused",
+    ),
+    Finding(
+        "secrets-in-logs",
+        "credentials in logged URIs or error messages, data values in contract reports",
+        "refused",
+    ),
+)
+
+BY_ID = {finding.id: finding for finding in FINDINGS}
