@@ -476,8 +476,6 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     if over is not None:
         raise BudgetReached(f"round {round_} would exceed it: {over.refusal()}")
     over_quota = sites_over_quota(store, config.federation, selected, config.limits)
-    for site, reason in over_quota.items():
-        logger.warning("site %s left out of round %d: %s", site, round_, reason)
     sent = [site for site in selected if site not in over_quota]
     evaluators = set(evaluating_sites(sent, config.evaluation.federated, config.seed, round_))
     specs = [
@@ -497,7 +495,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     }
     done, failed = _collect(futures)
     failed.update({site: "skipped: its site is down" for site in down})
-    failed.update(over_quota)
+    failed.update(over_quota)  # sent nothing: logged below with the others left out
     for site, reason in failed.items():
         logger.warning("site %s left out of round %d: %s", site, round_, reason)
     tensors = tensor_specs(previous.weights, control=scaffold)

@@ -10,13 +10,14 @@ import io
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from fedround.tasks.core.errors import ConfigError, ObjectNotFound, ObjectStoreError, ObjectTooLarge
-from fedround.tasks.core.quota import PrefixUsage
+from fedround.tasks.core.quota import PrefixUsage, measure
 
 _Headers = dict[str, str | list[str] | tuple[str]]  # what the MinIO SDK accepts as headers
 
@@ -150,13 +151,16 @@ class LocalObjectStore(ObjectStore):
         self._path(key).unlink(missing_ok=True)
 
     def usage(self, prefix: str, max_objects: int | None = None) -> PrefixUsage:
-        # Every file counts, a write's temporary file too: it takes space like any other.
+        return measure(self._file_sizes(prefix), max_objects)
+
+    def _file_sizes(self, prefix: str) -> Iterator[int]:
+        """The size of every file under ``prefix``, a write's temporary file too: it takes
+        space like any other."""
         base = os.path.join(self.root, prefix) if prefix else str(self.root)
         if prefix.endswith("/") or not prefix:
             folders, wanted = [base.rstrip("/")], ""  # everything under it
         else:  # a partial name ('a/b' matches 'a/b/…' and 'a/bc'): filter the parent's entries
             folders, wanted = [os.path.dirname(base)], base
-        total = count = 0
         while folders:
             try:
                 entries = os.scandir(folders.pop())
@@ -169,14 +173,10 @@ class LocalObjectStore(ObjectStore):
                     if entry.is_dir(follow_symlinks=False):
                         folders.append(entry.path)
                     elif entry.is_file(follow_symlinks=False):
-                        if max_objects is not None and count > max_objects:
-                            return PrefixUsage(total, count, complete=False)
                         try:
-                            total += entry.stat(follow_symlinks=False).st_size
+                            yield entry.stat(follow_symlinks=False).st_size
                         except FileNotFoundError:
                             continue  # deleted while listed
-                        count += 1
-        return PrefixUsage(total, count)
 
     def _temp_copy(self, path: Path, data: bytes) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,18 +284,11 @@ class S3ObjectStore(ObjectStore):
 
     def usage(self, prefix: str, max_objects: int | None = None) -> PrefixUsage:
         # One listing, whose entries carry the sizes: no request per object.
-        total = count = 0
         try:
-            for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
-                if obj.is_dir:
-                    continue
-                if max_objects is not None and count > max_objects:
-                    return PrefixUsage(total, count, complete=False)
-                total += int(obj.size or 0)
-                count += 1
+            listing = self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return measure((int(obj.size or 0) for obj in listing if not obj.is_dir), max_objects)
         except Exception as exc:
             raise self._error(prefix, exc) from exc
-        return PrefixUsage(total, count)
 
     def delete(self, key: str) -> None:
         try:

@@ -13,6 +13,7 @@ This module is the pure part: the measurement's record and the verdict on it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -27,6 +28,19 @@ class PrefixUsage:
     bytes: int
     objects: int
     complete: bool = True
+
+
+def measure(sizes: Iterable[int], max_objects: int | None = None) -> PrefixUsage:
+    """The usage of objects of ``sizes``, consumed lazily: with ``max_objects``, counting
+    stops after ``max_objects + 1`` objects (``complete`` false), enough to tell that a
+    quota is broken without listing a flood of them."""
+    total = count = 0
+    for size in sizes:
+        if max_objects is not None and count > max_objects:
+            return PrefixUsage(total, count, complete=False)
+        total += size
+        count += 1
+    return PrefixUsage(total, count)
 
 
 def _size(n: int) -> str:
