@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,13 @@ def write_array_federation(
     for name, text in configs.items():
         (config / name).write_text(text)
     return root
+
+
+def sites_yaml(sites: Iterable[str]) -> str:
+    """The ``sites:`` list of a federation in the layout :func:`write_array_federation`
+    makes (each site's ``site.yaml`` under ``../sites/<site>/``), as YAML flow text."""
+    entries = ", ".join(f"{{name: {s}, config: ../sites/{s}/site.yaml}}" for s in sites)
+    return f"[{entries}]"
 
 
 def run_user_federation(

@@ -35,7 +35,7 @@ from fedround.tasks.core.selection import derive_seed
 from fedround.tasks.core.strategies import fedavg
 from fedround.tasks.object_store import LocalObjectStore
 
-from .helpers import run_user_federation, write_array_federation
+from .helpers import run_user_federation, sites_yaml, write_array_federation
 
 pytestmark = pytest.mark.slow
 
@@ -180,7 +180,7 @@ FEDERATION_YAML = textwrap.dedent(
     evaluation: {{holdout: holdout.npz, evaluate: 'fr_e2e_flower.client:evaluation_client'}}
     selection: {{min_sites: 3, deadline_s: 300}}
     contract: contract.json
-    sites: [{", ".join(f"{{name: {s}, config: ../sites/{s}/site.yaml}}" for s in SITES)}]
+    sites: {sites_yaml(SITES)}
     """
 )
 

@@ -34,7 +34,7 @@ from fedround.tasks.core.signing import SigningKey
 from fedround.tasks.object_store import LocalObjectStore
 from fedround.tasks.site_keys import load_key_ring, register_key
 
-from .helpers import run_user_federation, write_array_federation
+from .helpers import run_user_federation, sites_yaml, write_array_federation
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,6 @@ FLOOD = 2 * 1024 * 1024
 
 
 def federation_yaml(extra: str = "") -> str:
-    sites = ", ".join(f"{{name: {s}, config: ../sites/{s}/site.yaml}}" for s in SITES)
     return (
         textwrap.dedent(
             f"""\
@@ -69,7 +68,7 @@ def federation_yaml(extra: str = "") -> str:
             selection: {{min_sites: 2, deadline_s: 300}}
             limits: {{site_storage_bytes: 1048576}}
             contract: contract.json
-            sites: [{sites}]
+            sites: {sites_yaml(SITES)}
             """
         )
         + extra

@@ -28,7 +28,13 @@ from fedround.site_workers.data import save_site_data
 from fedround.tasks.audit import AuditLog
 from fedround.tasks.object_store import LocalObjectStore
 
-from .helpers import fedround, linear_arrays, run_user_federation, write_array_federation
+from .helpers import (
+    fedround,
+    linear_arrays,
+    run_user_federation,
+    sites_yaml,
+    write_array_federation,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +86,6 @@ CONTRACT = {
 
 
 def federation_yaml() -> str:
-    sites = ", ".join(f"{{name: {s}, config: ../sites/{s}/site.yaml}}" for s in SITES)
     return textwrap.dedent(
         f"""\
         federation: {FEDERATION}
@@ -94,7 +99,7 @@ def federation_yaml() -> str:
         evaluation: {{holdout: holdout.npz}}
         selection: {{min_sites: 2, deadline_s: 120}}
         contract: contract.json
-        sites: [{sites}]
+        sites: {sites_yaml(SITES)}
         """
     )
 

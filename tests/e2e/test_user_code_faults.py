@@ -41,7 +41,7 @@ from fedround.tasks.core.strategies import fedavg
 from fedround.tasks.core.usercode import RoundContext, load_weights
 from fedround.tasks.object_store import LocalObjectStore
 
-from .helpers import FEDROUND, cli_env, run_user_federation, write_array_federation
+from .helpers import FEDROUND, cli_env, run_user_federation, sites_yaml, write_array_federation
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,6 @@ ASYNC = "mode: async\nasync: {buffer_size: 2, max_staleness: 3}\n"
 
 
 def federation_yaml(factory: str, extra: str = "") -> str:
-    sites = ", ".join(f"{{name: {s}, config: ../sites/{s}/site.yaml}}" for s in SITES)
     return (
         textwrap.dedent(
             f"""\
@@ -121,7 +120,7 @@ def federation_yaml(factory: str, extra: str = "") -> str:
         strategy: {{name: fedprox, mu: 0.1}}
         selection: {{min_sites: 3, deadline_s: 300}}
         contract: contract.json
-        sites: [{sites}]
+        sites: {sites_yaml(SITES)}
         """
         )
         + extra

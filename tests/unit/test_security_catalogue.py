@@ -21,6 +21,12 @@ def _marked() -> dict[str, list[str]]:
     found: dict[str, list[str]] = defaultdict(list)
     for path in sorted(TESTS.rglob("test_*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
+        decorated = {  # a decorator → the test it marks (a module's pytestmark has none)
+            id(decorator): f"::{function.name}"
+            for function in ast.walk(tree)
+            if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+            for decorator in function.decorator_list
+        }
         for node in ast.walk(tree):
             if not (
                 isinstance(node, ast.Call)
@@ -29,15 +35,7 @@ def _marked() -> dict[str, list[str]]:
                 and ast.unparse(node.func.value) == "pytest.mark"
             ):
                 continue
-            owner = next(
-                (
-                    f"::{parent.name}"
-                    for parent in ast.walk(tree)
-                    if isinstance(parent, ast.FunctionDef | ast.AsyncFunctionDef)
-                    and node in parent.decorator_list
-                ),
-                "",
-            )
+            owner = decorated.get(id(node), "")
             for arg in node.args:
                 assert isinstance(arg, ast.Constant), f"{path}: finding ids must be literals"
                 found[str(arg.value)].append(f"{path.relative_to(TESTS)}{owner}")
