@@ -280,6 +280,7 @@ COMMAND_MODULES: list[str] = [
     "fedround.flows.cli.privacy",
     "fedround.flows.cli.report",
     "fedround.flows.cli.keys",
+    "fedround.flows.cli.certs",
 ]
 
 
