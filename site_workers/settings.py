@@ -2,7 +2,9 @@
 
 Loading it refuses placeholder or missing S3 keys (in the file or, as its fallback, in
 ``FEDROUND_S3_ACCESS_KEY`` / ``FEDROUND_S3_SECRET_KEY``) unless the file says
-``insecure_dev: true`` or ``FEDROUND_INSECURE_DEV=1`` is set.
+``insecure_dev: true`` or ``FEDROUND_INSECURE_DEV=1`` is set. Under
+``FEDROUND_PROFILE=production`` it also refuses a Prefect or S3 link without
+authentication or TLS (:mod:`fedround.tasks.control_plane`), on the same terms.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedround.tasks.control_plane import Links, require_secure_links
 from fedround.tasks.core.config import Name, format_validation_error
 from fedround.tasks.core.errors import ConfigError
 from fedround.tasks.object_store import ObjectStoreSettings
@@ -105,6 +108,7 @@ def load_site_settings(path: Path) -> SiteSettings:
     if settings.signing_key_file is not None and not settings.signing_key_file.is_absolute():
         update["signing_key_file"] = (base / settings.signing_key_file).resolve()
     refuse_placeholder_site_credentials(settings, path)
+    require_secure_site_links(settings, path)
     return settings.model_copy(update=update)
 
 
@@ -136,6 +140,22 @@ def refuse_placeholder_site_credentials(settings: SiteSettings, path: Path) -> N
     unless ``insecure_dev: true`` in its file or ``FEDROUND_INSECURE_DEV=1`` (a warning then)."""
     refuse_placeholder_credentials(
         site_credentials(settings, path),
+        who=f"site {settings.site} ({path})",
+        insecure_dev=settings.insecure_dev or insecure_dev_from_env(),
+        override=f"insecure_dev: true in {path} or {INSECURE_DEV_ENV}=1",
+    )
+
+
+def require_secure_site_links(settings: SiteSettings, path: Path) -> None:
+    """Under ``FEDROUND_PROFILE=production``, refuse a site whose Prefect or S3 link has no
+    authentication or TLS (:mod:`fedround.tasks.control_plane`), unless insecure dev mode."""
+    store = settings.object_store
+    require_secure_links(
+        Links(
+            prefect_api_url=settings.prefect_api_url or os.environ.get("PREFECT_API_URL", ""),
+            mlflow_tracking_uri=None,  # sites never talk to MLflow
+            s3_secure=store.secure if store.kind == "s3" else None,
+        ),
         who=f"site {settings.site} ({path})",
         insecure_dev=settings.insecure_dev or insecure_dev_from_env(),
         override=f"insecure_dev: true in {path} or {INSECURE_DEV_ENV}=1",

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
+from fedround.tasks.control_plane import Links, require_secure_links
 from fedround.tasks.core.errors import ConfigError
 from fedround.tasks.object_store import ObjectStoreSettings
 
@@ -36,6 +37,7 @@ OPTIONAL_CLIENT_CREDENTIALS_ENV = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
     "PREFECT_API_KEY",
+    "PREFECT_API_AUTH_STRING",
 )
 # Compared lower-cased and without whitespace, as deployments/docker-entrypoint.sh does.
 # Values that merely contain "replace_me" or "changeme", template markers (<...>) and
@@ -208,6 +210,16 @@ class CoordinatorSettings(BaseModel):
         )
         refuse_placeholder_credentials(
             credentials + optional_client_credentials(),
+            who="the coordinator",
+            insecure_dev=insecure_dev_from_env(),
+            override=f"{INSECURE_DEV_ENV}=1",
+        )
+        require_secure_links(
+            Links(
+                prefect_api_url=os.environ.get("PREFECT_API_URL", ""),
+                mlflow_tracking_uri=tracking,
+                s3_secure=store.secure if store.kind == "s3" else None,
+            ),
             who="the coordinator",
             insecure_dev=insecure_dev_from_env(),
             override=f"{INSECURE_DEV_ENV}=1",
