@@ -18,26 +18,11 @@ from typing import Any
 import yaml
 
 from fedround.flows.distributed import EVALUATION_DEPLOYMENT, SESSION_DEPLOYMENT
+from fedround.flows.entrypoints import LIFECYCLE_DEPLOYMENTS, PROJECT_DIR_ENV, TRAINING_ENTRYPOINT
 from fedround.site_workers.session import EVALUATION_ENTRYPOINT, SESSION_ENTRYPOINT
 from fedround.tasks.alerts import check_alerts, ensure_automations
 from fedround.tasks.core.config import FederationConfig
 from fedround.tasks.core.errors import FedroundError
-
-TRAINING_ENTRYPOINT = "fedround.flows.training:train_federation"
-# Model lifecycle, run on demand (Prefect UI or `prefect deployment run`) in the coordinator pool.
-LIFECYCLE_DEPLOYMENTS = (
-    (
-        "fedround-promotion",
-        "fedround.flows.promotion:promote_model",
-        "Evaluate the candidate against production at every site; promote it if it passes",
-    ),
-    (
-        "fedround-rollback",
-        "fedround.flows.rollback:rollback_model",
-        "Restore the previous production model (or stop a canary rollout)",
-    ),
-)
-PROJECT_DIR_ENV = "FEDROUND_PROJECT_DIR"
 
 HEADER = """\
 # Prefect deployments of federation {federation}, rendered from {config}

@@ -73,7 +73,8 @@ def site_start(
 def coordinator_start(
     config: Annotated[Path, typer.Argument(help="Federation config (YAML).")],
 ) -> None:
-    """Run the Prefect worker for the federation's coordinator pool (foreground)."""
+    """Run the Prefect worker for the federation's coordinator pool (foreground); it runs
+    only fedround's training, promotion and rollback flows."""
     from fedround.site_workers.worker import WORKER_ENV
     from fedround.tasks.core.config import load_federation_config
 
@@ -83,8 +84,14 @@ def coordinator_start(
         _fail(str(exc))
     if not os.environ.get("PREFECT_API_URL"):
         _fail("PREFECT_API_URL is not set (start services with `fedround up` and export them)")
-    prefect = Path(sys.executable).with_name("prefect")
-    argv = [str(prefect), "worker", "start", "--pool", loaded.coordinator_pool, "--type", "process"]
+    # Prefect's process worker, refusing anything but fedround's coordinator flows.
+    argv = [
+        sys.executable,
+        "-m",
+        "fedround.flows.coordinator_worker",
+        "--pool",
+        loaded.coordinator_pool,
+    ]
     env = {**{k: v for k, v in WORKER_ENV.items() if k not in os.environ}, **os.environ}
     os.execvpe(argv[0], argv, env)
 
