@@ -5,9 +5,9 @@
 #
 # Before that, refuse to start on placeholder secrets: an empty secret file, or a
 # credential (a variable named like *PASSWORD*, *SECRET*, *ACCESS_KEY*, *TOKEN*, *API_KEY*,
-# *_STORE_URI, *DATABASE_URL*, *CONNECTION_URL*, or read from a *_FILE) whose value is
-# REPLACE_ME, changeme, password, minioadmin, ... (see is_placeholder). Values are never
-# printed. FEDROUND_INSECURE_DEV=1 starts anyway, with a warning: throw-away setups only.
+# *AUTH_STRING*, *_STORE_URI, *DATABASE_URL*, *CONNECTION_URL*, or read from a *_FILE) whose
+# value is REPLACE_ME, changeme, password, minioadmin, ... (see is_placeholder). Values are
+# never printed. FEDROUND_INSECURE_DEV=1 starts anyway, with a warning: throw-away setups only.
 # Provision real secrets with deployments/make-secrets.sh (compose) or your secret manager
 # (Kubernetes); see deployments/README.md.
 set -eu
@@ -32,8 +32,8 @@ is_placeholder() { # value: the same list as fedround.tasks.runtime.is_placehold
 
 is_credential() { # variable name
   case "$1" in
-    *PASSWORD* | *SECRET* | *ACCESS_KEY* | *TOKEN* | *API_KEY* | *_STORE_URI | \
-      *DATABASE_URL* | *CONNECTION_URL* | MINIO_ROOT_USER) return 0 ;;
+    *PASSWORD* | *SECRET* | *ACCESS_KEY* | *TOKEN* | *API_KEY* | *AUTH_STRING* | \
+      *_STORE_URI | *DATABASE_URL* | *CONNECTION_URL* | MINIO_ROOT_USER) return 0 ;;
   esac
   return 1
 }

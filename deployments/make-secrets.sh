@@ -25,6 +25,14 @@ put minio_root_user "fedround-root"
 put minio_root_password "$(random 40)"
 put coordinator_s3_access_key "coordinator-$(random 8)"
 put coordinator_s3_secret_key "$(random 40)"
+# The control plane's credentials (deployments/README.md, "Authentication and TLS"): the
+# Prefect server's API auth string (user:password), the MLflow admin's password, the MLflow
+# server's Flask secret key and the coordinator's MLflow password. MLflow refuses passwords
+# shorter than 12 characters; these have about 40.
+put prefect_auth_string "fedround:$(random 40)"
+put mlflow_admin_password "$(random 40)"
+put mlflow_flask_secret_key "$(random 40)"
+put mlflow_coordinator_password "$(random 40)"
 for site in "${@:-site-01}"; do
   put "site_${site}_s3_access_key" "${site}-$(random 8)"
   put "site_${site}_s3_secret_key" "$(random 40)"

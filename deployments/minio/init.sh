@@ -4,7 +4,9 @@
 # $SECRETS: minio_root_user, minio_root_password, coordinator_s3_access_key,
 # coordinator_s3_secret_key and, per site S, site_S_s3_access_key / site_S_s3_secret_key.
 # Sites may read and list <bucket>/<federation>/global/* and write
-# <bucket>/<federation>/updates/<site>/* only (policies/site.json).
+# <bucket>/<federation>/updates/<site>/* only (policies/site.json). MinIO is reached over
+# TLS (MINIO_URL https://...): mc trusts the CA certificates in <mc config dir>/certs/CAs/,
+# where the manifests mount the deployment's ca.crt.
 set -eu
 SECRETS="${SECRETS:-/run/secrets}"
 POLICIES="${POLICIES:-/policies}"
@@ -12,7 +14,7 @@ BUCKET="${BUCKET:-fedround}"
 MLFLOW_BUCKET="${MLFLOW_BUCKET:-mlflow}"
 FEDERATION="${FEDERATION:?set FEDERATION}"
 SITES="${SITES:-}"
-MINIO_URL="${MINIO_URL:-http://minio:9000}"
+MINIO_URL="${MINIO_URL:-https://minio:9000}"
 
 secret() { cat "$SECRETS/$1"; }
 # Refuse empty and placeholder secrets (REPLACE_ME of deployments/k8s/secrets.yaml, MinIO's

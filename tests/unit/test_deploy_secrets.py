@@ -277,6 +277,10 @@ def test_no_secret_make_secrets_writes_reaches_the_build_context(
         "deployments/examples/randhie/build/lib/randhie_federation/model.py",
         "deployments/examples/randhie/randhie_federation.egg-info/PKG-INFO",
         "deployments/k8s/secrets.yaml",
+        "deployments/tls/ca.key",
+        "deployments/tls/ca.crt",
+        "deployments/tls/server.key",
+        "deployments/tls/server.crt",
         "deployments/compose.yaml",
         "deployments/make-secrets.sh",
         ".fedround/services/credentials.json",
@@ -735,6 +739,8 @@ def test_the_entrypoint_refuses_kubernetes_placeholders_and_empty_files(tmp_path
             "MLFLOW_BACKEND_STORE_URI": "REPLACE_ME",
             "PREFECT_SERVER_DATABASE_PASSWORD": "REPLACE_ME",
             "AWS_SECRET_ACCESS_KEY": "minioadmin",
+            "PREFECT_SERVER_API_AUTH_STRING": "REPLACE_ME",
+            "PREFECT_API_AUTH_STRING": "fedround:changeme",
         }
     )
     assert refused.returncode == 1
@@ -742,6 +748,8 @@ def test_the_entrypoint_refuses_kubernetes_placeholders_and_empty_files(tmp_path
         "MLFLOW_BACKEND_STORE_URI",
         "PREFECT_SERVER_DATABASE_PASSWORD",
         "AWS_SECRET_ACCESS_KEY",
+        "PREFECT_SERVER_API_AUTH_STRING",
+        "PREFECT_API_AUTH_STRING",
     ):
         assert f"{name} holds a placeholder" in refused.stderr
     empty = tmp_path / "postgres_password"
@@ -769,6 +777,10 @@ def test_the_entrypoint_starts_on_make_secrets_output(generated_secrets: Path) -
         "FEDROUND_S3_SECRET_KEY_FILE": "coordinator_s3_secret_key",
         "MLFLOW_BACKEND_STORE_URI_FILE": "mlflow_backend_store_uri",
         "PREFECT_SERVER_DATABASE_PASSWORD_FILE": "postgres_password",
+        "PREFECT_API_AUTH_STRING_FILE": "prefect_auth_string",
+        "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": "mlflow_admin_password",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE": "mlflow_flask_secret_key",
+        "MLFLOW_TRACKING_PASSWORD_FILE": "mlflow_coordinator_password",
     }
     done = _entrypoint(
         {name: str(generated_secrets / file) for name, file in variables.items()},
@@ -779,6 +791,21 @@ def test_the_entrypoint_starts_on_make_secrets_output(generated_secrets: Path) -
     assert done.returncode == 0, done.stderr
     assert done.stdout == _secret(generated_secrets, "coordinator_s3_secret_key")
     assert done.stderr == ""
+
+
+def test_make_secrets_control_plane_credentials_fit_their_servers(generated_secrets: Path) -> None:
+    """The Prefect auth string is `user:password`; MLflow accepts the passwords (its own
+    rule); all differ from each other."""
+    from mlflow.utils.validation import _validate_password
+
+    user, _, password = _secret(generated_secrets, "prefect_auth_string").partition(":")
+    assert user == "fedround" and len(password) >= 32
+    names = ("mlflow_admin_password", "mlflow_coordinator_password", "mlflow_flask_secret_key")
+    values = [_secret(generated_secrets, name) for name in names]
+    for name, value in zip(names, values, strict=True):
+        _validate_password(value)  # raises for one MLflow would refuse
+        assert len(value) >= 32, name
+    assert len({password, *values}) == 4
 
 
 @needs_sh
