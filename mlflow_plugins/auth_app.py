@@ -23,10 +23,15 @@ Registered under the ``mlflow.app`` entry point in ``pyproject.toml``; start it 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flask import Response, request
@@ -140,6 +145,17 @@ def refuse_alias_change_unless_promoter(promoters: frozenset[str]) -> Response |
     return None
 
 
+@contextlib.contextmanager
+def _init_lock() -> Iterator[None]:
+    path = Path(tempfile.gettempdir()) / "fedround-auth-init.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def create_app() -> Flask | FastAPI:
     """MLflow's basic-auth app with the alias rule; the ``mlflow.app`` factory.
 
@@ -152,7 +168,11 @@ def create_app() -> Flask | FastAPI:
     from mlflow.server import auth as basic_auth
 
     promoters = promoters_from_env(os.environ.get(PROMOTERS_ENV))
-    auth_app: Flask | FastAPI = basic_auth.create_app(app)
+    # `mlflow server --app-name basic-auth` creates the user store and the admin once, in
+    # the parent, before it starts workers; for another app name each worker does it in
+    # create_app. One lock per host keeps the workers of a first start from racing.
+    with _init_lock():
+        auth_app: Flask | FastAPI = basic_auth.create_app(app)
     app.before_request(functools.partial(refuse_alias_change_unless_promoter, promoters))
     if not promoters:
         logger.warning(
