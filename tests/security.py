@@ -29,15 +29,16 @@ FINDINGS: tuple[Finding, ...] = (
         "control-plane-code",
         "a site creates or runs a deployment outside its own pool",
         "partial",
-        "site workers run only fedround's site flows; the Prefect API itself has no "
-        "authentication (issue 12, item 1)",
+        "site workers run only fedround's site flows and the coordinator's worker only its "
+        "training, promotion and rollback flows; Prefect's API takes one credential for all, "
+        "so a site holding it can still trigger, cancel or delete fedround's own deployments "
+        "(no per-identity authorizing proxy)",
     ),
     Finding(
         "control-plane-auth-tls",
         "Prefect and MLflow without authentication or TLS; anyone reaching MLflow moves "
         "the production alias",
-        "open",
-        "no auth app, proxy or TLS in the manifests yet (issue 12, item 1)",
+        "refused",
     ),
     Finding(
         "secrets-in-image",
