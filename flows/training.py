@@ -91,6 +91,7 @@ from fedround.tasks.core.validation import UpdateExpectation, check_manifest, te
 from fedround.tasks.object_store import ObjectStore, open_store
 from fedround.tasks.privacy_ledger import (
     check_before_run,
+    check_record_plan,
     privacy_tags,
     record_round,
     round_fits,
@@ -215,7 +216,7 @@ def aggregate(
     sites, its fixed denominator; ``dp_seed``: None for secret noise)."""
     strategy = build_strategy(strategy_config, population)
     folding: Strategy = strategy
-    if privacy is not None and privacy.enabled:
+    if privacy is not None and privacy.mode in ("central", "local"):  # record: at the sites
         assert privacy.noise_multiplier is not None and privacy.clip_norm is not None
         adaptive = privacy.adaptive_clipping
         folding = wrap_strategy(
@@ -472,7 +473,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         config.seed,
         round_,
     )
-    over = round_fits(store, config, ctx.run_id, round_, selected)
+    over = round_fits(store, config, ctx.run_id, round_, selected, ctx.max_examples)
     if over is not None:
         raise BudgetReached(f"round {round_} would exceed it: {over.refusal()}")
     over_quota = sites_over_quota(store, config.federation, selected, config.limits)
@@ -567,7 +568,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     if evaluation is not None:
         metrics.update(evaluation)
     if config.privacy.enabled:  # spend, then release: recorded before the checkpoint
-        spent = record_round(store, config, ctx.run_id, round_, selected)
+        spent = record_round(store, config, ctx.run_id, round_, selected, ctx.max_examples)
         metrics["privacy_epsilon"] = spent
         metrics.update({k: v for k, v in outcome.stats.items() if k.startswith("dp_")})
         logger.info("round %d: privacy spent by this run ε=%.4g", round_, spent)
@@ -874,6 +875,9 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
     try:
         dispatcher.open_run(run_id, [site.name for site in config.sites])
         passed, excluded = _check_contracts(config, run_id)
+        # Record-level DP plans each site's spend from its example count: refused here,
+        # before any site trains, if the run would overspend.
+        check_record_plan(store, config, run_id, {s: r.row_count for s, r in passed.items()})
         preprocessor, preprocessing_sha256 = _set_up_preprocessing(
             store, config, run_id, passed, lineage.initial_preprocessor()
         )

@@ -222,7 +222,7 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
     variate = prepare_variate(store, settings, spec, global_weights)  # SCAFFOLD only
     if variate is not None:
         hooks = [*hooks, variate.hook]
-    local = train_locally(model, data, spec.training, context, hooks)
+    local = train_locally(model, data, spec.training, context, hooks, spec.privacy)
     unexpected = sorted(set(local.weights) ^ set(global_weights))
     if unexpected:
         raise UserCodeError(f"training changed the model's parameter names: {unexpected[:5]}")

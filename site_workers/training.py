@@ -3,6 +3,7 @@ with the strategy's client hooks installed either way. Plain torch, seeded, no I
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedround.tasks.core.config import TrainingConfig
+from fedround.tasks.core.config import PrivacyConfig, TrainingConfig
 from fedround.tasks.core.hooks import ClientHook, hooks_installed
 from fedround.tasks.core.serialization import Weights
 from fedround.tasks.core.usercode import (
@@ -26,6 +27,7 @@ from fedround.tasks.core.usercode import (
     load_callable,
 )
 
+from .dp_sgd import dp_sgd_loop
 from .flower import flower_client
 
 
@@ -61,9 +63,14 @@ def _loss(kind: str, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def supervised_loop(
-    model: nn.Module, data: SiteDataset, config: TrainingConfig, seed: int
+    model: nn.Module,
+    data: SiteDataset,
+    config: TrainingConfig,
+    seed: int,
+    privacy: PrivacyConfig | None = None,
 ) -> dict[str, float]:
-    """Mini-batch training for ``config.local_epochs`` epochs, shuffled by ``seed``.
+    """Mini-batch training for ``config.local_epochs`` epochs, shuffled by ``seed``; with
+    ``privacy.mode: record``, DP-SGD (:mod:`.dp_sgd`).
 
     The returned loss (and accuracy, for classification) is over the last epoch's batches.
     """
@@ -83,6 +90,10 @@ def supervised_loop(
         )
     kind = loss_function(config, data.task)
     classify = kind == "cross_entropy"
+    if privacy is not None and privacy.mode == "record":
+        return dp_sgd_loop(
+            model, data, config, privacy, seed, functools.partial(_loss, kind), classify
+        )
     model.train()
     features, labels = data.features, data.labels
     n = len(labels)
@@ -135,6 +146,7 @@ def train_locally(
     config: TrainingConfig,
     context: RoundContext,
     hooks: Sequence[ClientHook] = (),
+    privacy: PrivacyConfig | None = None,
 ) -> LocalTrainingResult:
     """Train ``model`` in place with the federation's ``train`` (or the supervised loop),
     the strategy's hooks routed through every gradient; return its weights and metrics.
@@ -161,7 +173,7 @@ def train_locally(
                 for k, v in check_metrics(raw, who).items()
             }
         else:
-            metrics = supervised_loop(model, data, config, context.seed)
+            metrics = supervised_loop(model, data, config, context.seed, privacy)
     # on the CPU, whatever device the user's train moved the model to
     weights = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
     bad = sorted(

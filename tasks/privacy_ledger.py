@@ -14,7 +14,13 @@ sampled (q = m/N):
   accountant's amplification by subsampling assumes any site may have been in the round;
 - ``local``: the tenant one (σ, 1) step, and each *selected* site one (σ, 1) step (the
   coordinator knows who took part, so there is no amplification; sites left out spend
-  nothing).
+  nothing);
+- ``record``: each *selected* site the DP-SGD steps it took, ``local_epochs``·k at rate
+  q = 1/k, k = ⌈n / batch_size⌉ batches of its n examples (n: the count its data contract
+  reported, the same bound the round weighs it by); the tenant, per round, the most any
+  selected site spent: the largest q and the most steps among them, which dominates each
+  site's round (ε grows with q and with the steps), so the tenant's ledger bounds what any
+  one example, at any site, has spent.
 
 A round is recorded *before* its checkpoint commits (spend, then release): a crash in
 between counts a round that was never released, at most once, since a resumed run records
@@ -28,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,12 +48,14 @@ from fedround.tasks.core.privacy.ledger import (
     LedgerEntry,
     LedgerHead,
     LedgerIntegrityError,
+    Mechanism,
     check_budget,
     cross_check,
     sha256_of,
     spent_epsilon,
     verify_chain,
 )
+from fedround.tasks.core.privacy.record import dp_steps
 from fedround.tasks.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -101,6 +110,7 @@ class PrivacyLedger:
         sampling_rate: float,
         sites: tuple[str, ...] = (),
         attempts: int = 20,
+        steps: int = 1,
     ) -> LedgerEntry | None:
         """Record ``round_`` of ``run_id``; ``None`` if it is recorded already."""
         privacy = config.privacy
@@ -126,6 +136,7 @@ class PrivacyLedger:
                 sites=tuple(sorted(sites)),
                 recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 previous_sha256=previous,
+                steps=int(steps),
             )
             raw = entry.to_bytes()
             if not self.store.create(
@@ -178,6 +189,28 @@ def round_sampling_rate(config: FederationConfig, selected: int) -> float:
     return min(1.0, selected / len(config.sites))
 
 
+def record_mechanisms(
+    config: FederationConfig, examples: Mapping[str, int], sites: Sequence[str]
+) -> dict[str | None, Mechanism]:
+    """``mode: record``: what one round spends at each of ``sites`` (its DP-SGD steps, from
+    the examples its contract reported) and for the tenant (key ``None``: the largest q and
+    the most steps among them)."""
+    assert config.privacy.noise_multiplier is not None
+    sigma = float(config.privacy.noise_multiplier)
+    training = config.training
+    spends: dict[str | None, Mechanism] = {}
+    for site in sites:
+        q, steps = dp_steps(examples.get(site, 1), training.batch_size, training.local_epochs)
+        spends[site] = (sigma, q, steps)
+    if spends:
+        spends[None] = (
+            sigma,
+            max(m[1] for m in spends.values()),
+            max(m[2] for m in spends.values()),
+        )
+    return spends
+
+
 @dataclass(frozen=True)
 class Ledgers:
     """A tenant's ledger and those of a federation's sites, read and verified together."""
@@ -197,7 +230,9 @@ def read_ledgers(store: ObjectStore, tenant: str, sites: list[str]) -> Ledgers:
 
 
 def budget_checks(
-    config: FederationConfig, ledgers: Ledgers, planned: dict[str | None, list[tuple[float, float]]]
+    config: FederationConfig,
+    ledgers: Ledgers,
+    planned: Mapping[str | None, Sequence[tuple[float, float] | Mechanism]],
 ) -> list[BudgetCheck]:
     """The budget check of the tenant (key ``None``) and of each site in ``planned``."""
     privacy = config.privacy
@@ -243,7 +278,7 @@ def check_before_run(
             f"{config.tenant} has no entry for them: the ledger was truncated or replaced; "
             "restore it from a backup before resuming"
         )
-    if privacy.budget is None:
+    if privacy.budget is None or privacy.mode == "record":  # record: check_record_plan
         return []
     rest = [r for r in range(1, config.rounds + 1) if r not in recorded]
     step = (float(privacy.noise_multiplier), planned_sampling_rate(config))
@@ -258,32 +293,81 @@ def check_before_run(
     return checks
 
 
+def check_record_plan(
+    store: ObjectStore, config: FederationConfig, run_id: str, examples: Mapping[str, int]
+) -> list[BudgetCheck]:
+    """``mode: record``, once the contracts have counted each site's examples and before
+    any site trains: raise :class:`BudgetExceeded` if the rounds not yet recorded would
+    take the tenant or a site past the budget, each site planned in every round."""
+    privacy = config.privacy
+    if privacy.mode != "record" or privacy.budget is None:
+        return []
+    sites = sorted(examples)
+    ledgers = read_ledgers(store, config.tenant, sites)
+    spends = record_mechanisms(config, examples, sites)
+
+    def rest(entries: list[LedgerEntry]) -> int:
+        done = {e.round for e in entries if e.key[:2] == (config.federation, run_id)}
+        return sum(1 for r in range(1, config.rounds + 1) if r not in done)
+
+    planned: dict[str | None, list[Mechanism]] = {None: [spends[None]] * rest(ledgers.tenant)}
+    for site in sites:
+        planned[site] = [spends[site]] * rest(ledgers.sites[site])
+    checks = budget_checks(config, ledgers, planned)
+    for check in checks:
+        if not check.fits:
+            raise BudgetExceeded(check.refusal())
+    return checks
+
+
 def charged_sites(config: FederationConfig, selected: list[str]) -> list[str]:
-    """The sites a round's spend is charged to: under local DP the selected ones only (the
-    others sent nothing); under central DP every site of the federation (the sampling is
-    what amplifies privacy, so each site is charged the subsampled step)."""
-    return selected if config.privacy.mode == "local" else [s.name for s in config.sites]
+    """The sites a round's spend is charged to: under local and record-level DP the
+    selected ones only (the others sent nothing); under central DP every site of the
+    federation (the sampling is what amplifies privacy, so each site is charged the
+    subsampled step)."""
+    if config.privacy.mode in ("local", "record"):
+        return selected
+    return [s.name for s in config.sites]
+
+
+def round_spends(
+    config: FederationConfig,
+    selected: list[str],
+    examples: Mapping[str, int] | None = None,
+) -> dict[str | None, Mechanism]:
+    """What a round that selected ``selected`` charges the tenant (key ``None``) and each
+    site it charges; ``examples``: each site's contract count (``mode: record``)."""
+    privacy = config.privacy
+    assert privacy.noise_multiplier is not None
+    if privacy.mode == "record":
+        return record_mechanisms(config, examples or {}, selected)
+    step = (float(privacy.noise_multiplier), round_sampling_rate(config, len(selected)), 1)
+    return {None: step, **{site: step for site in charged_sites(config, selected)}}
 
 
 def round_fits(
-    store: ObjectStore, config: FederationConfig, run_id: str, round_: int, selected: list[str]
+    store: ObjectStore,
+    config: FederationConfig,
+    run_id: str,
+    round_: int,
+    selected: list[str],
+    examples: Mapping[str, int] | None = None,
 ) -> BudgetCheck | None:
     """``None`` if ``round_``, having selected ``selected``, keeps the tenant and every site
     it charges within the budget (or there is no budget); else the first check it fails."""
     privacy = config.privacy
-    if not privacy.enabled or privacy.budget is None:
+    if not privacy.enabled or privacy.budget is None or not selected:
         return None
-    assert privacy.noise_multiplier is not None
-    charged = charged_sites(config, selected)
-    ledgers = read_ledgers(store, config.tenant, charged)
+    spends = round_spends(config, selected, examples)
+    ledgers = read_ledgers(store, config.tenant, [s for s in spends if s is not None])
     key = (config.federation, run_id, round_)
-    step = (float(privacy.noise_multiplier), round_sampling_rate(config, len(selected)))
     scopes: list[tuple[str | None, list[LedgerEntry]]] = [
         (None, ledgers.tenant),
         *ledgers.sites.items(),
     ]
     planned = {
-        site: ([] if any(e.key == key for e in entries) else [step]) for site, entries in scopes
+        site: ([] if any(e.key == key for e in entries) else [spends[site]])
+        for site, entries in scopes
     }
     for check in budget_checks(config, ledgers, planned):
         if not check.fits:
@@ -297,14 +381,21 @@ def record_round(
     run_id: str,
     round_: int,
     selected: list[str],
+    examples: Mapping[str, int] | None = None,
 ) -> float:
     """Record ``round_`` in the ledgers of the sites it charges, then the tenant's; returns
     the ε the run has spent so far (its own rounds, at ``privacy.delta``)."""
-    q = round_sampling_rate(config, len(selected))
-    charged = charged_sites(config, selected)
-    for site in sorted(charged):
-        PrivacyLedger(store, config.tenant, site).append(config, run_id, round_, q)
-    PrivacyLedger(store, config.tenant).append(config, run_id, round_, q, tuple(charged))
+    if not selected:
+        return run_epsilon(store, config, run_id)
+    spends = round_spends(config, selected, examples)
+    charged = sorted(site for site in spends if site is not None)
+    for site in charged:
+        _, q, steps = spends[site]
+        PrivacyLedger(store, config.tenant, site).append(config, run_id, round_, q, steps=steps)
+    _, q, steps = spends[None]
+    PrivacyLedger(store, config.tenant).append(
+        config, run_id, round_, q, tuple(charged), steps=steps
+    )
     return run_epsilon(store, config, run_id)
 
 
@@ -338,6 +429,7 @@ def privacy_tags(store: ObjectStore, config: FederationConfig, run_id: str) -> d
         "mode": privacy.mode,
         "rounds": str(len(mine)),
         "sampling_rate": ",".join(f"{q:.6g}" for q in rates),
+        "steps_per_round": ",".join(str(n) for n in sorted({e.steps for e in mine})),
         "ledger": f"{keys.privacy_ledger_prefix(config.tenant)} entries "
         f"{mine[0].sequence}-{mine[-1].sequence}"
         if mine
@@ -364,11 +456,13 @@ __all__ = [
     "PrivacyLedger",
     "budget_checks",
     "check_before_run",
+    "check_record_plan",
     "planned_sampling_rate",
     "privacy_tags",
     "read_ledgers",
     "record_round",
     "round_fits",
     "round_sampling_rate",
+    "round_spends",
     "run_epsilon",
 ]

@@ -282,8 +282,8 @@ def ledger_command(
     for e in entries:
         typer.echo(
             f"  #{e.sequence:<4} {e.federation} run {e.run_id} round {e.round:<4} {e.mode:<7} "
-            f"σ={_g(e.noise_multiplier)} q={_g(e.sampling_rate)} C={_g(e.clip_norm)}  "
-            f"{e.recorded_at}"
+            f"σ={_g(e.noise_multiplier)} q={_g(e.sampling_rate)} C={_g(e.clip_norm)}"
+            f"{f' steps={e.steps}' if e.steps != 1 else ''}  {e.recorded_at}"
         )
 
 

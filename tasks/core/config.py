@@ -632,20 +632,29 @@ class AdaptiveClippingConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
-    """Client-level differential privacy, DP-FedAvg (McMahan et al., ICLR 2018).
+    """Differential privacy: client-level DP-FedAvg (McMahan et al., ICLR 2018) or
+    record-level DP-SGD (Abadi et al., CCS 2016) at each site.
 
     ``central``: each site clips its update to L2 norm ``clip_norm`` C; the coordinator
     clips again (it trusts no site to have done so), averages with equal weights over the
     round's selected sites and adds Gaussian noise of standard deviation σ·C to the sum.
     ``local``: each site clips and adds the noise σ·C to its own update, so the coordinator
-    sees only noised updates. ε is accounted by Google's ``dp_accounting`` (``accountant``).
+    sees only noised updates. ``record``: each site trains with DP-SGD (Opacus): every
+    example's gradient is clipped to C, σ·C noise is added to each batch's sum, and batches
+    are Poisson-sampled; the guarantee is per example of a site's data, whatever the
+    coordinator does with the update. ε is accounted by Google's ``dp_accounting``
+    (``accountant``).
     """
 
-    mode: Literal["off", "central", "local"] = "off"
+    mode: Literal["off", "central", "local", "record"] = "off"
     noise_multiplier: float | None = Field(
         None, gt=0, description="σ: the noise's standard deviation in units of clip_norm"
     )
-    clip_norm: float | None = Field(None, gt=0, description="C: the L2 bound of one update")
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="C: the L2 bound of one update (record: of one example's gradient)",
+    )
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee")
     accountant: Literal["pld", "rdp"] = Field(
         "pld", description="pld (privacy loss distributions, tighter) or rdp (Rényi DP)"
@@ -683,7 +692,7 @@ class PrivacyConfig(_Strict):
             ]
             if stray:
                 raise ValueError(
-                    f"{', '.join(stray)} apply to mode: central or local (mode is off)"
+                    f"{', '.join(stray)} apply to mode: central, local or record (mode is off)"
                 )
             return self
         for name, meaning in (
@@ -1042,6 +1051,9 @@ class FederationConfig(_Strict):
         most C to a plain sum. Settings that break that, or whose accounting would not
         hold, are refused rather than silently overridden."""
         mode, strategy = self.privacy.mode, self.strategy
+        if mode == "record":
+            self._check_record_privacy()
+            return
         refused = {
             # A sync round is one Poisson-subsampled Gaussian step; FedBuff's versions are not.
             "mode: async": self.mode == "async",
@@ -1065,6 +1077,28 @@ class FederationConfig(_Strict):
                     "plain equally weighted sum of clipped updates (bounded sensitivity) over "
                     "synchronous rounds; use the defaults for that setting, or privacy.mode: off"
                 )
+
+    def _check_record_privacy(self) -> None:
+        """DP-SGD runs inside fedround's own training loop, one Poisson-sampled Gaussian
+        step per batch; the ledger charges each trained site per committed round."""
+        refused = {
+            # The accountant charges each committed round; FedBuff has no rounds to charge.
+            "mode: async": (self.mode == "async", "use mode: sync"),
+            # Only fedround's loop clips every example's gradient and adds the noise.
+            "training.train": (
+                self.training.train is not None,
+                "DP-SGD needs fedround's training loop: remove training.train",
+            ),
+            # The proximal term and SCAFFOLD's correction act on the whole batch's gradient,
+            # after the per-example clipping: outside what the mechanism bounds.
+            f"strategy.name: {self.strategy.name}": (
+                self.strategy.name in ("fedprox", "scaffold"),
+                "use fedavg, fedavgm or a server optimizer",
+            ),
+        }
+        for what, (bad, fix) in refused.items():
+            if bad:
+                raise ValueError(f"privacy.mode: record does not combine with {what}: {fix}")
 
     @property
     def promotion_metric(self) -> str:

@@ -133,7 +133,7 @@ def hooks_for(
     hooks: list[ClientHook] = []
     if strategy.name == "fedprox":
         hooks.append(ProximalTerm(strategy.mu, global_weights))
-    if privacy is not None and privacy.enabled:
+    if privacy is not None and privacy.mode in ("central", "local"):  # record: in the loop
         from .privacy.dp_fedavg import ClipUpdate, LocalNoise
 
         assert privacy.clip_norm is not None and privacy.noise_multiplier is not None

@@ -226,10 +226,10 @@ def test_privacy_config_defaults_and_a_valid_central_section() -> None:
             "privacy.accountant",
             "pld",
         ),
-        ("{mode: record, noise_multiplier: 1, clip_norm: 1}", "privacy.mode", ""),
+        ("{mode: shuffle, noise_multiplier: 1, clip_norm: 1}", "privacy.mode", ""),
         ("{mode: central, clip_norm: 1}", "privacy", "needs noise_multiplier"),
         ("{mode: central, noise_multiplier: 1}", "privacy", "needs clip_norm"),
-        ("{noise_multiplier: 1}", "privacy", "apply to mode: central or local"),
+        ("{noise_multiplier: 1}", "privacy", "apply to mode: central, local or record"),
         (
             "{mode: central, noise_multiplier: 1, clip_norm: 1, budget: {epsilon: 0}}",
             "privacy.budget.epsilon",

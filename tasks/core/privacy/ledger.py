@@ -45,9 +45,11 @@ class BudgetExceeded(FedroundError):
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """One round's spend against one scope. ``sampling_rate`` is q of the round (the
-    sampled share of the federation's sites; 1 under local DP, where the coordinator knows
-    who took part)."""
+    """One round's spend against one scope: ``steps`` Poisson-sampled Gaussian steps of
+    noise multiplier σ at rate q. Client-level DP spends one step per round at the sampled
+    share of the federation's sites (q = 1 under local DP, where the coordinator knows who
+    took part); record-level DP (``mode: record``) spends a site's DP-SGD steps of the round
+    at its batch sampling rate."""
 
     sequence: int
     scope: str  # "tenant" or "site:<name>"
@@ -62,19 +64,24 @@ class LedgerEntry:
     sites: tuple[str, ...]  # tenant entries: the sites the round charged
     recorded_at: str
     previous_sha256: str
+    steps: int = 1
 
     @property
     def key(self) -> tuple[str, str, int]:
         return (self.federation, self.run_id, self.round)
 
     @property
-    def mechanism(self) -> tuple[float, float]:
-        return (self.noise_multiplier, self.sampling_rate)
+    def mechanism(self) -> Mechanism:
+        return (self.noise_multiplier, self.sampling_rate, self.steps)
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON (sorted keys, no spaces): the bytes stored and hashed."""
+        """Canonical JSON (sorted keys, no spaces): the bytes stored and hashed. ``steps``
+        is written only when it is not 1, so that entries written before it existed keep
+        their bytes and digests."""
         record = asdict(self)
         record["sites"] = list(self.sites)
+        if self.steps == 1:
+            del record["steps"]
         return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -197,14 +204,21 @@ def cross_check(tenant: Sequence[LedgerEntry], site: str, entries: Sequence[Ledg
         )
 
 
+Mechanism = tuple[float, float, int]
+"""(σ, q, steps): ``steps`` Poisson-subsampled Gaussian steps of noise multiplier σ at rate q."""
+
+
 def spent_epsilon(
-    mechanisms: Iterable[tuple[float, float]], delta: float, accountant: Accountant
+    mechanisms: Iterable[tuple[float, float] | Mechanism], delta: float, accountant: Accountant
 ) -> float:
-    """ε of composing one Poisson-subsampled Gaussian step per (σ, q) in ``mechanisms``
-    (0.0 for none), by ``accountant``; identical steps are self-composed (fast), and a
-    history already accounted is not accounted again (the tenant's and its sites' ledgers
-    usually hold the same steps)."""
-    counts = Counter((float(s), float(q)) for s, q in mechanisms)
+    """ε of composing the Poisson-subsampled Gaussian steps of ``mechanisms`` ((σ, q) for
+    one step, (σ, q, steps) for several) (0.0 for none), by ``accountant``; identical steps
+    are self-composed (fast), and a history already accounted is not accounted again (the
+    tenant's and its sites' ledgers usually hold the same steps)."""
+    counts: Counter[tuple[float, float]] = Counter()
+    for mechanism in mechanisms:
+        steps = int(mechanism[2]) if len(mechanism) > 2 else 1
+        counts[(float(mechanism[0]), float(mechanism[1]))] += steps
     if not counts:
         return 0.0
     return _composed_epsilon(tuple(sorted(counts.items())), float(delta), accountant)
@@ -254,12 +268,13 @@ class BudgetCheck:
 def check_budget(
     scope: str,
     entries: Sequence[LedgerEntry],
-    planned: Sequence[tuple[float, float]],
+    planned: Sequence[tuple[float, float] | Mechanism],
     budget_epsilon: float,
     delta: float,
     accountant: Accountant,
 ) -> BudgetCheck:
-    """:class:`BudgetCheck` of ``entries`` plus the ``planned`` (σ, q) rounds."""
+    """:class:`BudgetCheck` of ``entries`` plus the ``planned`` rounds ((σ, q) or
+    (σ, q, steps) each)."""
     spent = spent_epsilon((e.mechanism for e in entries), delta, accountant)
     total = spent_epsilon([*(e.mechanism for e in entries), *planned], delta, accountant)
     return BudgetCheck(scope, budget_epsilon, delta, spent, total, len(planned))
