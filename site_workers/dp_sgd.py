@@ -67,6 +67,7 @@ def dp_sgd_loop(
     from opacus import PrivacyEngine
 
     assert privacy.noise_multiplier is not None and privacy.clip_norm is not None
+    model.train()  # Opacus checks (and needs) training mode
     check_private_model(model)
     noise_seed = None
     if privacy.noise_seed is not None:

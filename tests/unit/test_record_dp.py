@@ -200,6 +200,7 @@ def _accuracy(model: nn.Module, data: SiteDataset) -> float:
 
 def test_dp_sgd_trains_and_leaves_a_plain_model() -> None:
     data, model = _data(), _model()
+    model.eval()  # as an evaluation leaves it: training puts it back in training mode
     names = list(model.state_dict())
     before = _accuracy(model, data)
     privacy = PrivacyConfig(mode="record", noise_multiplier=0.5, clip_norm=1.0)
