@@ -14,12 +14,20 @@ there is no amplification by subsampling).
 :mod:`fedround.tasks.core.privacy.adaptive_clipping`), starting from the same C and moving
 it towards the median update norm; its ε is the same as central's at the same σ.
 
-ε = ∞ is the same clipped, equally weighted FedAvg without noise. ``--seeds N`` runs every
+``record`` is record-level DP-SGD at the sites (``privacy.mode: record``, Opacus through
+:func:`fedround.site_workers.training.train_locally`): every example's gradient clipped to
+``--record-clip-norm``, noise on each Poisson-sampled batch, plain FedAvg at the
+coordinator. σ is calibrated over what the ledger charges the tenant: every round, the
+largest site's q = 1/⌈n/B⌉ and its ``local_epochs``·⌈n/B⌉ steps (a bound on every example,
+whichever sites were sampled).
+
+ε = ∞ is the same clipped, equally weighted FedAvg without noise (record: DP-SGD's
+clipping without noise). ``--seeds N`` runs every
 setting with N seeds (split, selection, training and noise all follow the seed) and
 reports the median and the range of the final accuracy.
 
 Run: ``.venv/bin/python benchmarks/privacy.py [--rounds 30] [--sites 100] [--seeds 3]
-[--modes central,adaptive,local]``; writes ``benchmarks/results/privacy.json``.
+[--modes central,adaptive,local,record]``; writes ``benchmarks/results/privacy.json``.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from fedround.tasks.core.models import build_model
 from fedround.tasks.core.privacy import calibrate, epsilon
 from fedround.tasks.core.privacy.adaptive_clipping import AdaptiveClipping
 from fedround.tasks.core.privacy.dp_fedavg import wrap_strategy
+from fedround.tasks.core.privacy.record import dp_steps
 from fedround.tasks.core.selection import select_sites
 from fedround.tasks.core.serialization import Weights
 from fedround.tasks.core.strategies import build_strategy
@@ -66,6 +75,8 @@ def run(
     weights: Weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     strategy = StrategyConfig(weighting="uniform")
     noisy = sigma is not None
+    if mode == "record":
+        return _run_record(job, sigma, clip_norm, seed, started)
     adaptive = AdaptiveClipping() if mode == "adaptive" else None
     privacy = PrivacyConfig(
         mode="local" if mode == "local" and noisy else "central",
@@ -108,6 +119,48 @@ def run(
     }
 
 
+def record_plan(job: Job) -> tuple[float, int]:
+    """(q, steps) the ledger charges the tenant per round: the largest site's."""
+    largest = max(len(examples) for examples in split(job, SEED).sites.values())
+    return dp_steps(largest, job.batch_size, job.local_epochs)
+
+
+def _run_record(
+    job: Job, sigma: float | None, clip_norm: float, seed: int, started: float
+) -> dict[str, Any]:
+    """``job.rounds`` rounds of FedAvg over sites that train with DP-SGD."""
+    federation = split(job, seed)
+    torch.manual_seed(seed)
+    model = build_model(job.model, seed=seed)
+    weights: Weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    privacy = PrivacyConfig(
+        mode="record",
+        noise_multiplier=sigma if sigma is not None else 1e-9,
+        clip_norm=clip_norm,
+        noise_seed=seed,
+    )
+    accuracy = []
+    for round_ in range(1, job.rounds + 1):
+        selected = select_sites(federation.names, job.fraction, 1, seed, round_)
+        server = build_strategy(StrategyConfig())
+        server.begin_round(weights)
+        for site in selected:
+            context = site_context(site, seed, round_)
+            model.load_state_dict(weights)
+            data = federation.sites[site]
+            local = train_locally(model, data, job.training, context, (), privacy)
+            server.accumulate({n: local.weights[n] - weights[n] for n in weights}, len(data))
+        weights = server.finish()
+        accuracy.append(evaluate(model, weights, federation.test)["accuracy"])
+    return {
+        "final_accuracy": accuracy[-1],
+        "best_accuracy": max(accuracy),
+        "accuracy": accuracy,
+        "clip_norm_by_round": [clip_norm] * job.rounds,
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -115,7 +168,10 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--clip-norm", type=float, default=0.5)
     parser.add_argument("--seeds", type=int, default=1, help="runs per setting (spread)")
-    parser.add_argument("--modes", default="central,adaptive,local")
+    parser.add_argument("--modes", default="central,adaptive,local,record")
+    parser.add_argument(
+        "--record-clip-norm", type=float, default=1.0, help="record: C of one example's gradient"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/privacy.json")
     args = parser.parse_args()
     job = Job(
@@ -138,13 +194,16 @@ def main() -> None:
     }
     for mode in args.modes.split(","):
         q = q_central if mode != "local" else 1.0
+        steps = job.rounds
+        clip_norm = args.clip_norm
+        if mode == "record":
+            q, per_round = record_plan(job)
+            steps, clip_norm = per_round * job.rounds, args.record_clip_norm
         for target in EPSILONS:
-            sigma = None if math.isinf(target) else calibrate(target, q, job.rounds, DELTA)
-            outcomes = [
-                run(job, mode, sigma, args.clip_norm, seed=SEED + i) for i in range(args.seeds)
-            ]
+            sigma = None if math.isinf(target) else calibrate(target, q, steps, DELTA)
+            outcomes = [run(job, mode, sigma, clip_norm, seed=SEED + i) for i in range(args.seeds)]
             finals = sorted(o["final_accuracy"] for o in outcomes)
-            spent = math.inf if sigma is None else epsilon(sigma, q, job.rounds, DELTA)
+            spent = math.inf if sigma is None else epsilon(sigma, q, steps, DELTA)
             row = {
                 "mode": mode,
                 "target_epsilon": None if math.isinf(target) else target,
