@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,37 +82,43 @@ def coordinator_run_problem(
     return None
 
 
-class CoordinatorWorker(ProcessWorker):
-    """A process worker that runs only fedround's coordinator flows (module docstring)."""
+with warnings.catch_warnings():
+    # Registered as Prefect's "process" worker type on purpose: it serves process pools.
+    warnings.filterwarnings("ignore", message=".*matches existing registered type")
 
-    async def check(self, flow_run: FlowRun) -> None:
-        """Raise :class:`RefusedCoordinatorRun` unless the flow run may run here."""
-        if flow_run.deployment_id is None:
-            raise RefusedCoordinatorRun(
-                f"flow run {flow_run.name!r} has no deployment: the coordinator's worker runs "
-                "only fedround's training, promotion and rollback deployments"
-            )
-        deployment = await self.client.read_deployment(flow_run.deployment_id)
-        problem = coordinator_run_problem(
-            deployment.entrypoint,
-            deployment.pull_steps,
-            [deployment.job_variables, flow_run.job_variables],
-            project_dir(),
-        )
-        if problem is not None:
-            log.warning("refused flow run %s of %s: %s", flow_run.name, deployment.name, problem)
-            raise RefusedCoordinatorRun(
-                f"deployment {deployment.name!r} refused by the coordinator's worker: {problem}"
-            )
+    class CoordinatorWorker(ProcessWorker):
+        """A process worker that runs only fedround's coordinator flows (module docstring)."""
 
-    async def run(
-        self,
-        flow_run: FlowRun,
-        configuration: ProcessJobConfiguration,
-        task_status: anyio.abc.TaskStatus[int] | None = None,
-    ) -> ProcessWorkerResult:
-        await self.check(flow_run)  # raises before "started": the run is marked crashed
-        return await super().run(flow_run, configuration, task_status)
+        async def check(self, flow_run: FlowRun) -> None:
+            """Raise :class:`RefusedCoordinatorRun` unless the flow run may run here."""
+            if flow_run.deployment_id is None:
+                raise RefusedCoordinatorRun(
+                    f"flow run {flow_run.name!r} has no deployment: the coordinator's worker runs "
+                    "only fedround's training, promotion and rollback deployments"
+                )
+            deployment = await self.client.read_deployment(flow_run.deployment_id)
+            problem = coordinator_run_problem(
+                deployment.entrypoint,
+                deployment.pull_steps,
+                [deployment.job_variables, flow_run.job_variables],
+                project_dir(),
+            )
+            if problem is not None:
+                log.warning(
+                    "refused flow run %s of %s: %s", flow_run.name, deployment.name, problem
+                )
+                raise RefusedCoordinatorRun(
+                    f"deployment {deployment.name!r} refused by the coordinator's worker: {problem}"
+                )
+
+        async def run(
+            self,
+            flow_run: FlowRun,
+            configuration: ProcessJobConfiguration,
+            task_status: anyio.abc.TaskStatus[int] | None = None,
+        ) -> ProcessWorkerResult:
+            await self.check(flow_run)  # raises before "started": the run is marked crashed
+            return await super().run(flow_run, configuration, task_status)
 
 
 async def _serve(pool: str, name: str | None) -> None:

@@ -44,6 +44,7 @@ from fedround.flows.round_artifacts import (
     publish_run_summary,
 )
 from fedround.site_workers.data import load_dataset
+from fedround.site_workers.dp_sgd import check_private_model
 from fedround.site_workers.site_round import RoundSpec, SiteRoundResult, evaluate_model
 from fedround.tasks import alerts, run_context
 from fedround.tasks.aggregation import AggregationOutcome, aggregate_updates
@@ -886,6 +887,8 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
             preprocessor.n_features if preprocessor else None,
             preprocessor.n_outputs if preprocessor else None,
         )
+        if config.privacy.mode == "record":  # refused here, not by every site in round 1
+            check_private_model(build_model(model_config, seed=config.seed))
         start = _start_checkpoint(
             store, config, model_config, run_id, config_sha256, lineage.initial_weights()
         )

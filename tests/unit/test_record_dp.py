@@ -252,3 +252,21 @@ def test_a_model_opacus_cannot_train_is_refused_naming_the_layer() -> None:
     with pytest.raises(UserCodeError, match="BatchNorm") as caught:
         supervised_loop(model, _data(), TrainingConfig(), 1, privacy)
     assert "GroupNorm" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"factory": "mnist_cnn"},
+        {"factory": "mlp", "in_features": 8, "out_features": 2},
+        {"factory": "logistic_regression", "in_features": 8, "out_features": 2},
+    ],
+)
+def test_every_built_in_model_trains_under_dp_sgd(model: dict[str, object]) -> None:
+    """The coordinator checks the model before any site trains (flows/training.py): the
+    built-ins pass, so record mode works with any of them."""
+    from fedround.site_workers.dp_sgd import check_private_model
+    from fedround.tasks.core.config import ModelConfig
+    from fedround.tasks.core.models import build_model
+
+    check_private_model(build_model(ModelConfig.model_validate(model), seed=0))
