@@ -55,6 +55,7 @@ def _generator(seed: int | None) -> torch.Generator:
 
 def dp_sgd_loop(
     model: nn.Module,
+    optimizer: torch.optim.Optimizer,
     data: SiteDataset,
     config: TrainingConfig,
     privacy: PrivacyConfig,
@@ -62,8 +63,9 @@ def dp_sgd_loop(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     classify: bool,
 ) -> dict[str, float]:
-    """Train ``model`` in place for ``config.local_epochs`` epochs of DP-SGD; the loss and
-    accuracy returned are over the last epoch's (Poisson-sampled) batches."""
+    """Train ``model`` in place for ``config.local_epochs`` epochs of DP-SGD, with
+    ``optimizer`` (over its parameters) made private; the loss and accuracy returned are
+    over the last epoch's (Poisson-sampled) batches."""
     from opacus import PrivacyEngine
 
     assert privacy.noise_multiplier is not None and privacy.clip_norm is not None
@@ -72,19 +74,6 @@ def dp_sgd_loop(
     noise_seed = None
     if privacy.noise_seed is not None:
         noise_seed = (privacy.noise_seed * 1_000_003 + seed) % 2**63
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(
-            parameters, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.SGD(
-            parameters,
-            lr=config.learning_rate,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
     loader = DataLoader(
         TensorDataset(data.features, data.labels),
         batch_size=config.batch_size,

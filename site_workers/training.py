@@ -92,7 +92,7 @@ def supervised_loop(
     classify = kind == "cross_entropy"
     if privacy is not None and privacy.mode == "record":
         return dp_sgd_loop(
-            model, data, config, privacy, seed, functools.partial(_loss, kind), classify
+            model, optimizer, data, config, privacy, seed, functools.partial(_loss, kind), classify
         )
     model.train()
     features, labels = data.features, data.labels
