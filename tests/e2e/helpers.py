@@ -39,6 +39,20 @@ def cli_env(state_dir: Path) -> dict[str, str]:
     return env
 
 
+def provision_demo_federation(config_path: Path, state_dir: Path) -> None:
+    """Give each demo site of the federation at ``config_path`` its shard and site config
+    under ``state_dir``, as ``fedround demo provision`` does (in this process)."""
+    from fedround.site_workers.demo_sites import provision_demo_sites
+    from fedround.tasks.core.config import load_federation_config
+    from fedround.tasks.runtime import CoordinatorSettings
+
+    os.environ["FEDROUND_STATE_DIR"] = str(state_dir)
+    try:
+        provision_demo_sites(load_federation_config(config_path), CoordinatorSettings.from_env())
+    finally:
+        del os.environ["FEDROUND_STATE_DIR"]
+
+
 def fedround(*args: str, state_dir: Path, timeout: float = 600) -> Completed:
     done = subprocess.run(
         [FEDROUND, *args],

@@ -29,11 +29,10 @@ from mlflow import MlflowClient
 from fedround.site_workers.data import read_arrays, save_site_data
 from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core import keys
-from fedround.tasks.core.config import load_federation_config
 from fedround.tasks.core.serialization import sha256_hex
 from fedround.tasks.object_store import LocalObjectStore
 
-from .helpers import cli_env, fedround, start_fedround
+from .helpers import cli_env, fedround, provision_demo_federation, start_fedround
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +48,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(state_dir: Path) -> dict[str, Any]:
     """Provision the sites, break site-d's labels, run the federation through the CLI."""
-    os.environ["FEDROUND_STATE_DIR"] = str(state_dir)
-    try:
-        from fedround.site_workers.demo_sites import provision_demo_sites
-        from fedround.tasks.runtime import CoordinatorSettings
-
-        provision_demo_sites(load_federation_config(CONFIG), CoordinatorSettings.from_env())
-    finally:
-        del os.environ["FEDROUND_STATE_DIR"]
+    provision_demo_federation(CONFIG, state_dir)
     shard = state_dir / "federations" / FEDERATION / "sites" / "site-d" / "train.npz"
     arrays = read_arrays(shard)
     labels = arrays["labels"].copy()

@@ -18,17 +18,15 @@ Scenario (NVFlare-style): trigger → fault → expected state.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow import MlflowClient
 
-from fedround.tasks.core.config import load_federation_config
 from fedround.tasks.core.privacy import epsilon
 
-from .helpers import fedround
+from .helpers import fedround, provision_demo_federation
 
 pytestmark = pytest.mark.slow
 
@@ -60,14 +58,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def config_path(state_dir: Path) -> Path:
     path = state_dir.parent / "dp.yaml"
     path.write_text(CONFIG)
-    os.environ["FEDROUND_STATE_DIR"] = str(state_dir)
-    try:
-        from fedround.site_workers.demo_sites import provision_demo_sites
-        from fedround.tasks.runtime import CoordinatorSettings
-
-        provision_demo_sites(load_federation_config(path), CoordinatorSettings.from_env())
-    finally:
-        del os.environ["FEDROUND_STATE_DIR"]
+    provision_demo_federation(path, state_dir)
     return path
 
 
