@@ -366,7 +366,11 @@ def test_run_lease_renews_refuses_a_second_coordinator_and_is_taken_over_on_s3(
         first.check()
         with pytest.raises(RunLocked, match=f"run r1 of federation {federation}"):
             RunLease(store, federation, "r1", holder="bob@other").acquire()
-        # the holder is gone (say): an operator breaks the lock; the holder stops writing
+        # the holder's host is gone: its renewals stop (fault injected by stopping the
+        # renewal thread; a live renewal racing the break is refused with LockHeld, by design)
+        first._stop.set()
+        assert first._thread is not None
+        first._thread.join(timeout=10)
         break_lock(store, keys.lock_key(federation, "run-r1"), "coordinator host lost")
         with pytest.raises(LockLost):
             first.check()
