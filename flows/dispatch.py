@@ -12,6 +12,7 @@ import contextvars
 import logging
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -25,6 +26,7 @@ from fedround.site_workers.site_round import EvalSpec, RoundSpec, SiteEvalResult
 from fedround.tasks.core.config import FederationConfig
 from fedround.tasks.core.contract_report import ContractReport
 from fedround.tasks.core.errors import ConfigError
+from fedround.tasks.secure_aggregation import SecureStep
 
 if TYPE_CHECKING:
     from prefect.futures import PrefectFuture
@@ -52,6 +54,10 @@ class SiteDispatcher(Protocol):
     def run_round(self, spec: RoundSpec, timeout: float) -> SiteRoundResult: ...
 
     def evaluate(self, spec: EvalSpec, timeout: float) -> SiteEvalResult: ...
+
+    def secure_steps(self, steps: list[SecureStep], timeout: float) -> dict[str, str | None]:
+        """Ask each site for its next secure-aggregation message (written to the store);
+        per site ``None`` once it is written, else why it is not."""
 
     def close_run(self, state: str) -> None:
         """The training run ended (``finished`` or ``failed``)."""
@@ -114,6 +120,12 @@ def _round_in_worker(config_file: str, spec: RoundSpec) -> SiteRoundResult:
     from fedround.site_workers.site_round import run_site_round
 
     return run_site_round(_site_settings(config_file), spec)
+
+
+def _secure_step_in_worker(config_file: str, step: SecureStep) -> int:
+    from fedround.site_workers.secure_aggregation import run_secure_step
+
+    return run_secure_step(_site_settings(config_file), step)
 
 
 def _evaluate_in_worker(config_file: str, spec: EvalSpec) -> SiteEvalResult:
@@ -206,6 +218,24 @@ class EmbeddedDispatcher:
         result = self._wait(future, spec.site, "its evaluation", timeout)  # type: ignore[arg-type]
         assert isinstance(result, SiteEvalResult)
         return result
+
+    def secure_steps(self, steps: list[SecureStep], timeout: float) -> dict[str, str | None]:
+        deadline = time.monotonic() + timeout
+        futures = {
+            step.site: self.pool.submit(_secure_step_in_worker, self._config(step.site), step)
+            for step in steps
+        }
+        outcomes: dict[str, str | None] = {}
+        for site, future in futures.items():
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+                outcomes[site] = None
+            except FutureTimeout:
+                future.cancel()
+                outcomes[site] = f"missed the {timeout:.0f}s deadline"
+            except Exception as exc:  # the site's failure is its dropout, not the round's
+                outcomes[site] = f"{type(exc).__name__}: {exc}"
+        return outcomes
 
     def close(self) -> None:
         """Stop the workers: they hold no state, so waiting for a clean exit buys nothing."""

@@ -53,6 +53,7 @@ from fedround.tasks.core.limits import (
 )
 from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.object_store import ObjectStore
+from fedround.tasks.secure_aggregation import SecureStep, manifest_key, step_error_key
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class DistributedDispatcher:
     # ``mode: async`` sites join a version's plan one at a time.
     plans: dict[int, dict[str, Any]] = field(default_factory=dict)
     assigned: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # The run pointer last written, without a secure-aggregation step (steps add one).
+    pointer: dict[str, Any] = field(default_factory=dict)
 
     # --- pools and sessions -------------------------------------------------------------
 
@@ -408,8 +411,68 @@ class DistributedDispatcher:
     def close(self) -> None:
         """Nothing to release: sessions end by themselves when the run is closed."""
 
+    def secure_steps(self, steps: list[SecureStep], timeout: float) -> dict[str, str | None]:
+        """Name the step and its sites in the run pointer; each site's session answers it
+        once. Waits for every site's signed message (or its error object) until
+        ``timeout``; a site whose session stops beating drops out at once."""
+        if not steps:
+            return {}
+        first = steps[0]
+        self._put_pointer(
+            {
+                **self.pointer,
+                "secure": {
+                    "round": first.round,
+                    "nonce": first.nonce,
+                    "step": first.step,
+                    "sites": [step.site for step in steps],
+                },
+            }
+        )
+        deadline = time.monotonic() + timeout
+        pending = {step.site: step for step in steps}
+        outcomes: dict[str, str | None] = {}
+        next_liveness = 0.0
+        while pending:
+            for site, step in list(pending.items()):
+                answered, why = self._step_answer(step)
+                if answered:
+                    outcomes[site] = why
+                    del pending[site]
+            now = time.monotonic()
+            if not pending:
+                break
+            if now >= deadline:
+                outcomes.update(dict.fromkeys(pending, f"missed the {timeout:.0f}s deadline"))
+                break
+            if now >= next_liveness:
+                next_liveness = now + 0.5
+                for site in [s for s in pending if not self._alive_or_joining(s)]:
+                    outcomes[site] = "its session stopped answering"
+                    del pending[site]
+            time.sleep(self.poll_s)
+        return outcomes
+
+    def _step_answer(self, step: SecureStep) -> tuple[bool, str | None]:
+        """(True, None): the site's message for ``step`` is there; (True, why): it failed
+        the step; (False, None): nothing yet."""
+        federation, run_id, round_, site = step.federation, step.run_id, step.round, step.site
+        try:
+            raw = self._get(manifest_key(federation, run_id, round_, site, step.step), 64 * 1024)
+        except SiteUnavailable as exc:
+            return True, str(exc)
+        if raw is not None:
+            try:
+                if UpdateManifest.from_json(raw).nonce == step.nonce:
+                    return True, None  # read and verified by the secure aggregation itself
+            except ValueError:
+                return True, None  # malformed: the secure aggregation rejects it, saying why
+        error = self._error(step_error_key(federation, run_id, round_, site, step.step), step.nonce)
+        return (True, error) if error else (False, None)
+
     def _put_pointer(self, body: dict[str, Any]) -> None:
         key = keys.run_pointer_key(self.config.federation, self.run_id)
+        self.pointer = {k: v for k, v in body.items() if k != "secure"}
         self.store.put(key, json.dumps(body).encode())
 
 

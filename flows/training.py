@@ -43,6 +43,8 @@ from fedround.flows.round_artifacts import (
     publish_round_table,
     publish_run_summary,
 )
+from fedround.flows.secure_round import ABORTED as SECURE_ABORTED
+from fedround.flows.secure_round import secure_aggregate, secure_round
 from fedround.site_workers.data import load_dataset
 from fedround.site_workers.dp_sgd import check_private_model
 from fedround.site_workers.site_round import RoundSpec, SiteRoundResult, evaluate_model
@@ -84,6 +86,7 @@ from fedround.tasks.core.privacy.dp_fedavg import CentralDP, wrap_strategy
 from fedround.tasks.core.privacy.ledger import BudgetExceeded, BudgetReached
 from fedround.tasks.core.reputation import Reputation, split_state
 from fedround.tasks.core.round_table import RunOverview, SiteFigures, SiteRow, site_rows
+from fedround.tasks.core.secagg import SecAggAborted
 from fedround.tasks.core.selection import derive_seed, select_sites
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
 from fedround.tasks.core.strategies import Strategy, build_strategy
@@ -470,7 +473,9 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     selected = select_sites(
         [site for site in ctx.eligible if site not in left_out],
         config.selection.fraction,
-        config.selection.min_sites,
+        max(config.selection.min_sites, config.secure_aggregation.threshold or 0)
+        if config.secure_aggregation.enabled
+        else config.selection.min_sites,
         config.seed,
         round_,
     )
@@ -484,6 +489,15 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         round_spec(ctx, round_, site, announced, control_sha256, site in evaluators)
         for site in sent
     ]
+    secure, unsecurable = None, ""
+    if config.secure_aggregation.enabled:
+        try:
+            secure = secure_round(
+                config, ctx.run_id, round_, announced.nonce, sent, previous.weights
+            )
+            specs = [spec.model_copy(update={"secagg": secure}) for spec in specs]
+        except SecAggAborted as exc:  # too few sites to reach the threshold: none is asked
+            unsecurable, specs = str(exc), []
     opened = time.time()
     specs = [spec.model_copy(update={"dispatched_at": opened}) for spec in specs]
     down = current_dispatcher.get().announce_round(round_, announced.nonce, specs, deadline)
@@ -519,31 +533,51 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
         )
         for site in [*done, *failed]
     }
-    outcome, strategy_state = _named(aggregate, round_, "aggregate")(
-        ctx.settings.object_store,
-        config.strategy,
-        previous.strategy_state,
-        previous.weights,
-        {site: expectations[site] for site in done},
-        population=len(config.sites),
-        privacy=config.privacy,
-        dp_sites=len(selected),
-        dp_seed=(
-            None
-            if config.privacy.noise_seed is None
-            else derive_seed(config.privacy.noise_seed, "dp-noise", round_)
-        ),
-    )
+    if unsecurable:
+        outcome = AggregationOutcome(weights=None, error=f"{SECURE_ABORTED}{unsecurable}")
+        strategy_state = previous.strategy_state
+    elif secure is not None:
+        outcome, strategy_state = _named(secure_aggregate, round_, "secure aggregate")(
+            config,
+            ctx.settings.object_store,
+            secure,
+            done,
+            {site: expectations[site] for site in done},
+            previous.weights,
+            previous.strategy_state,
+            len(selected),
+        )
+    else:
+        outcome, strategy_state = _named(aggregate, round_, "aggregate")(
+            ctx.settings.object_store,
+            config.strategy,
+            previous.strategy_state,
+            previous.weights,
+            {site: expectations[site] for site in done},
+            population=len(config.sites),
+            privacy=config.privacy,
+            dp_sites=len(selected),
+            dp_seed=(
+                None
+                if config.privacy.noise_seed is None
+                else derive_seed(config.privacy.noise_seed, "dp-noise", round_)
+            ),
+        )
     late = {}
     if expectations:
         late = reject_late_updates(store, next(iter(expectations.values())), pending_late)
     pending_late.update((round_, site) for site in failed)
+    failed.update(outcome.dropped)  # secure aggregation: uploaded their advert, then dropped
     for which, reason in late.items():
         logger.warning("site %s: %s", which, reason)
     audit_signature_rejections(
         store, config.federation, config.model_name, ctx.run_id, round_, outcome.rejected
     )
-    if len(outcome.accepted) < config.selection.min_sites or outcome.weights is None:
+    aborted = outcome.error is not None and outcome.error.startswith(SECURE_ABORTED)
+    if aborted:  # nothing applied: the round commits the model it started from
+        outcome.weights = previous.weights
+        failed.update({site: outcome.error or "" for site in done if site not in outcome.rejected})
+    elif len(outcome.accepted) < config.selection.min_sites or outcome.weights is None:
         missing = {**failed, **outcome.rejected}
         raise QuorumNotReached(
             f"round {round_}: {len(outcome.accepted)} valid updates, quorum is "
@@ -568,7 +602,10 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     assert set(metrics) == CHECKPOINTED_COUNTS  # final_metrics tells them from evaluation's
     if evaluation is not None:
         metrics.update(evaluation)
-    if config.privacy.enabled:  # spend, then release: recorded before the checkpoint
+    if aborted:
+        metrics["secagg_aborted"] = 1.0
+    metrics.update({k: v for k, v in outcome.stats.items() if k.startswith("secagg_")})
+    if config.privacy.enabled and not aborted:  # spend, then release: before the checkpoint
         spent = record_round(store, config, ctx.run_id, round_, selected, ctx.max_examples)
         metrics["privacy_epsilon"] = spent
         metrics.update({k: v for k, v in outcome.stats.items() if k.startswith("dp_")})

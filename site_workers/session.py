@@ -38,7 +38,9 @@ from fedround.tasks.core.contract_report import ContractReport
 from fedround.tasks.core.errors import ConfigError, ObjectNotFound
 from fedround.tasks.object_store import ObjectStore, open_store
 from fedround.tasks.retry import only_transient
+from fedround.tasks.secure_aggregation import SecureStep, step_error_key
 
+from .secure_aggregation import run_secure_step
 from .settings import SiteSettings, load_site_settings
 from .site_round import (
     EvalSpec,
@@ -163,6 +165,7 @@ def site_session(
         if not report.success:
             return {"site": site, "contract": "failed", "rounds": served}
         attempted: set[tuple[int, str]] = set()
+        answered: set[SecureStep] = set()
         idle_since = time.monotonic()
         next_check = 0.0
         while True:
@@ -175,6 +178,11 @@ def site_session(
                 if _superseded(store, federation, run_id, site, attempt):
                     logger.info("a newer session of %s took over: session %d ends", site, attempt)
                     break
+            step = _secure_step(pointer, federation, run_id, site)
+            if step is not None and step not in answered:
+                answered.add(step)
+                idle_since = time.monotonic()
+                _serve_secure_step(store, settings, step)
             assignment = _assignment(pointer, site)
             if assignment is not None and assignment not in attempted:
                 attempted.add(assignment)
@@ -197,6 +205,45 @@ def _assignment(pointer: dict[str, Any], site: str) -> tuple[int, str] | None:
     if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 1:
         return None
     return round_, str(nonce)
+
+
+def _secure_step(
+    pointer: dict[str, Any], federation: str, run_id: str, site: str
+) -> SecureStep | None:
+    """The secure-aggregation step the run pointer asks of ``site``, if any."""
+    body = pointer.get("secure")
+    if not isinstance(body, dict) or site not in (body.get("sites") or []):
+        return None
+    try:
+        return SecureStep(
+            federation=federation,
+            run_id=run_id,
+            round=body["round"],
+            site=site,
+            nonce=str(body["nonce"]),
+            step=body["step"],
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+@task(name="secure aggregation", cache_policy=NO_CACHE)
+def secure_step_task(settings: SiteSettings, step: SecureStep) -> int:
+    return run_secure_step(settings, step)
+
+
+def _serve_secure_step(store: ObjectStore, settings: SiteSettings, step: SecureStep) -> None:
+    future = secure_step_task.with_options(
+        task_run_name=f"round {step.round} · secure {step.step}"
+    ).submit(settings, step)
+    future.wait()
+    outcome = future.result(raise_on_failure=False)
+    if isinstance(outcome, int):
+        return
+    error = {"round": step.round, "nonce": step.nonce, "step": step.step}
+    error["error"] = f"{type(outcome).__name__}: {outcome}"
+    key = step_error_key(step.federation, step.run_id, step.round, step.site, step.step)
+    store.put(key, json.dumps(error).encode())
 
 
 def _serve_round(

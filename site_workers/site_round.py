@@ -48,12 +48,14 @@ from fedround.tasks.core.usercode import (
     load_weights,
 )
 from fedround.tasks.object_store import ObjectStore, open_store
+from fedround.tasks.secure_aggregation import SecureRound
 
 from .compressed_update import prepare_upload
 from .contract import check_site_contract
 from .data import DataError, load_dataset
 from .flower import flower_client
 from .scaffold import prepare_variate
+from .secure_aggregation import start_secure_round
 from .settings import SiteSettings
 from .signing_key import load_signing_key
 from .training import train_locally
@@ -96,6 +98,9 @@ class RoundSpec(BaseModel):
     # (round − 1's) on its own test file and reports eval_<metric> with its update.
     evaluation: EvaluationConfig = EvaluationConfig()
     evaluate_received: bool = False
+    # Secure aggregation: the update stays at the site and only its masked form leaves it,
+    # in the round's later steps (see fedround.site_workers.secure_aggregation).
+    secagg: SecureRound | None = None
 
 
 class SiteRoundResult(BaseModel):
@@ -228,6 +233,8 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         raise UserCodeError(f"training changed the model's parameter names: {unexpected[:5]}")
     delta = {name: local.weights[name] - global_weights[name] for name in global_weights}
     delta = apply_update_hooks(hooks, delta)
+    if spec.secagg is not None:
+        return _start_secure(settings, store, spec, delta, local, evaluated, nbytes_down, started)
     upload = prepare_upload(
         delta, spec.compression, spec.seed, settings.site_state_dir, spec.federation, spec.run_id
     )
@@ -284,6 +291,51 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         nbytes_down=nbytes_down,
         metrics=metrics,
         seconds=seconds,
+    )
+
+
+def _start_secure(
+    settings: SiteSettings,
+    store: ObjectStore,
+    spec: RoundSpec,
+    delta: dict[str, torch.Tensor],
+    local: Any,
+    evaluated: dict[str, float],
+    nbytes_down: int,
+    started: float,
+) -> SiteRoundResult:
+    """Secure aggregation's first step: keep the update here, advertise the round's keys."""
+    assert spec.secagg is not None
+    metrics = {
+        **local.metrics,
+        "train_seconds": local.seconds,
+        "bytes_down": float(nbytes_down),
+        **evaluated,
+    }
+    if spec.dispatched_at:
+        metrics["dispatch_latency_seconds"] = time.time() - spec.dispatched_at
+    manifest = UpdateManifest(
+        federation=spec.federation,
+        run_id=spec.run_id,
+        round=spec.round,
+        site=spec.site,
+        attempt=spec.attempt,
+        nonce=spec.nonce,
+        num_examples=local.num_examples,
+        sha256="",
+        nbytes=0,
+        metrics=metrics,
+    )
+    nbytes_up = start_secure_round(settings, store, spec.secagg, manifest, delta)
+    return SiteRoundResult(
+        site=spec.site,
+        round=spec.round,
+        ok=True,
+        num_examples=local.num_examples,
+        nbytes_up=nbytes_up,
+        nbytes_down=nbytes_down,
+        metrics=metrics,
+        seconds=time.perf_counter() - started,
     )
 
 

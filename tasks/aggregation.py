@@ -57,6 +57,8 @@ class AggregationOutcome:
     unselected: list[str] = field(default_factory=list)  # accepted, left out by Krum
     stats: dict[str, float] = field(default_factory=dict)  # median_update_norm, clip_bound
     error: str | None = None  # why valid updates gave no new model (e.g. Krum's n > 2f + 2)
+    # Secure aggregation: sites that trained but dropped out of a later step (site → why).
+    dropped: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_examples(self) -> int:

@@ -730,6 +730,58 @@ class PrivacyConfig(_Strict):
         return self.delta
 
 
+class SecureAggregationConfig(_Strict):
+    """Secure aggregation (Bonawitz et al., CCS 2017): the coordinator learns only the sum
+    of the round's updates, never one site's.
+
+    Each site masks its (weighted) update, encoded as fixed-point integers modulo
+    2**``bits``, with pairwise masks that cancel in the sum and a self-mask it
+    secret-shares with the others; sites that drop after masking are recovered while at
+    least ``threshold`` remain, and below it the round aborts with nothing applied. Each
+    coordinate is clipped to [−``value_range``, ``value_range``] before it is encoded (the
+    clipped count is logged). What is lost: the coordinator cannot check one site's update
+    (norm, NaN, robust aggregators, per-update clipping); see docs/secure-aggregation.md.
+    """
+
+    enabled: bool = False
+    threshold: int | None = Field(
+        None,
+        ge=2,
+        description="t: fewest sites that must finish the round (default: more than half of "
+        "the round's sites, and at least selection.min_sites)",
+    )
+    bits: Literal[32, 64] = Field(32, description="the modulus 2**bits of the masked integers")
+    value_range: float | None = Field(
+        None,
+        gt=0,
+        description="R: each coordinate of a site's weighted update is clipped to [-R, R] "
+        "(default: 1; with DP, C plus six standard deviations of a site's noise)",
+    )
+    step_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="how long each step after training waits for the sites (a site that "
+        "misses it drops out; the round recovers while threshold sites remain)",
+    )
+
+    def round_value_range(self, privacy: PrivacyConfig, threshold: int) -> float:
+        """R for a round: the setting, else 1, else (DP) room for C and the site's noise,
+        so that clipping a coordinate is a six-sigma event."""
+        if self.value_range is not None:
+            return self.value_range
+        if privacy.mode in ("central", "local"):
+            assert privacy.clip_norm is not None and privacy.noise_multiplier is not None
+            sigma = privacy.noise_multiplier
+            per_site = sigma / math.sqrt(threshold) if privacy.mode == "central" else sigma
+            return privacy.clip_norm * (1.0 + 6.0 * per_site)
+        return 1.0
+
+    def round_threshold(self, sites: int, min_sites: int) -> int:
+        """t for a round of ``sites`` selected sites: a majority, the quorum, the setting."""
+        return max(sites // 2 + 1, min_sites, self.threshold or 2)
+
+
 class LimitsConfig(_Strict):
     """Bounds every update must respect (anything else is rejected and logged)."""
 
@@ -956,6 +1008,7 @@ class FederationConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     compression: CompressionConfig = CompressionConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     registry: RegistryConfig = RegistryConfig()
     promotion: PromotionConfig = PromotionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -1004,6 +1057,8 @@ class FederationConfig(_Strict):
             self.strategy.check_round_size(self.selection.min_sites, len(self.sites))
         if self.privacy.enabled:
             self._check_privacy()
+        if self.secure_aggregation.enabled:
+            self._check_secure_aggregation()
         return self
 
     @property
@@ -1099,6 +1154,54 @@ class FederationConfig(_Strict):
         for what, (bad, fix) in refused.items():
             if bad:
                 raise ValueError(f"privacy.mode: record does not combine with {what}: {fix}")
+
+    def _check_secure_aggregation(self) -> None:
+        """The coordinator sees only the sum: settings that need one site's update, or a
+        round of one site, are refused."""
+        secure, strategy = self.secure_aggregation, self.strategy
+        if secure.threshold is not None and secure.threshold > len(self.sites):
+            raise ValueError(
+                f"secure_aggregation.threshold={secure.threshold} is more than the "
+                f"{len(self.sites)} sites listed: no round could reach it"
+            )
+        if self.selection.min_sites < 2:
+            raise ValueError(
+                "secure_aggregation needs selection.min_sites of at least 2 (it is "
+                f"{self.selection.min_sites}): the sum of one site's update is that update"
+            )
+        refused = {
+            "mode: async": (self.mode == "async", "use mode: sync (rounds to mask over)"),
+            f"strategy.aggregator: {strategy.aggregator}": (
+                strategy.aggregator != "mean",
+                "only a sum can be computed on masked updates; use aggregator: mean",
+            ),
+            "strategy.name: scaffold": (
+                strategy.name == "scaffold",
+                "SCAFFOLD's control variates would travel unmasked; use fedavg or a server "
+                "optimizer",
+            ),
+            "strategy.clip": (
+                "clip" in strategy.model_fields_set and strategy.clip.mode != "off",
+                "the coordinator never sees one update's norm; clip at the sites with "
+                "privacy.clip_norm, or remove strategy.clip",
+            ),
+            "strategy.max_site_share < 1": (
+                strategy.max_site_share < 1,
+                "weights are fixed by the coordinator from the registered row counts",
+            ),
+            "compression": (
+                self.compression.quantize_bits is not None
+                or self.compression.topk_ratio is not None,
+                "masked updates are uniformly random integers: they do not compress",
+            ),
+            "privacy.adaptive_clipping": (
+                self.privacy.adaptive_clipping is not None,
+                "it needs each update's norm; use a fixed privacy.clip_norm",
+            ),
+        }
+        for what, (bad, fix) in refused.items():
+            if bad:
+                raise ValueError(f"secure_aggregation does not combine with {what}: {fix}")
 
     @property
     def promotion_metric(self) -> str:

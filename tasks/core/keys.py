@@ -88,6 +88,18 @@ def update_manifest_key(federation: str, run_id: str, round_: int, site: str) ->
     return f"{update_prefix(federation, run_id, round_, site)}update.json"
 
 
+def secagg_site_key(federation: str, run_id: str, round_: int, site: str, name: str) -> str:
+    """A site's secure-aggregation message of a round (its advert, shares, masked update,
+    unmasking shares), in the site's own write prefix."""
+    return f"{update_prefix(federation, run_id, round_, site)}secagg/{name}"
+
+
+def secagg_round_key(federation: str, run_id: str, round_: int, name: str) -> str:
+    """The coordinator's secure-aggregation broadcast of a round (roster, inboxes,
+    survivors), beside the round's global model where every site reads."""
+    return f"{global_prefix(federation, run_id, round_)}secagg/{name}"
+
+
 def checkpoints_prefix(federation: str, run_id: str) -> str:
     return f"{federation}/checkpoints/{run_id}/"
 

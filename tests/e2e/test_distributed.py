@@ -16,7 +16,9 @@ up by ``fedround coordinator start``). Scenarios (trigger → fault → expected
 - a deployment run triggered on the Prefect server trains through the coordinator pool;
 - a site whose pool has no worker is skipped at once, not after the deadline;
 - a deployment of other code put in a site's pool is refused by the site's worker;
-- ``mode: async`` runs through the same site sessions.
+- ``mode: async`` runs through the same site sessions;
+- secure aggregation runs its steps through the same site sessions, to the plain run's
+  model up to its fixed-point rounding.
 """
 
 from __future__ import annotations
@@ -423,6 +425,61 @@ def test_async_rounds_run_through_the_same_site_sessions(
     ]
     assert len(trained) >= 8  # K × versions accepted, at least
     assert {site for _, site in trained} == set(SITES)
+
+
+def test_secure_aggregation_runs_its_steps_through_the_same_site_sessions(
+    baseline: dict[str, Any], federation: Federation, tmp_path: Path
+) -> None:
+    # Arrange: the baseline's config and seeds, with secure aggregation (t = 2 of 3)
+    config = variant(tmp_path, "secagg", **{"secure_aggregation.enabled": True})
+
+    # Act
+    done = federation.run(config, "--run-id", "secagg")
+
+    # Assert: every round summed all three sites' masked updates, and the model is the
+    # baseline's plain FedAvg up to the fixed-point rounding
+    assert done.returncode == 0, done.stderr[-4000:]
+    history = done.result["history"]
+    assert [h["secagg_sites"] for h in history] == [3.0, 3.0, 3.0]
+    store = federation.store
+    secure = load_checkpoint(store, FEDERATION, "secagg", 3).weights
+    plain = load_checkpoint(store, FEDERATION, "baseline", 3).weights
+    for name, tensor in plain.items():
+        torch.testing.assert_close(secure[name], tensor, rtol=0, atol=1e-4)
+    # Only masked updates left the sites: no plain update in any site's prefix
+    for site in SITES:
+        prefix = keys.update_prefix(FEDERATION, "secagg", 1, site)
+        stored = store.list(prefix)
+        assert not [key for key in stored if key.endswith("update.safetensors")]
+        assert prefix + "secagg/masked.bin" in stored
+    # Each step ran as a task of the site's session, visible in the Prefect UI
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    with federation.prefect(), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=[f"{FEDERATION}-site-a"])
+            ),
+            limit=50,
+        )
+        session = [r for r in runs if r.parameters.get("run_id") == "secagg"]
+        assert session
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[session[0].id])), limit=200
+        )
+        names = {t.name for t in tasks}
+    assert {
+        "round 1 · train",
+        "round 1 · secure shares",
+        "round 1 · secure masked",
+        "round 1 · secure unmask",
+    } <= names
 
 
 def test_deployment_run_trains_through_the_coordinator_pool(

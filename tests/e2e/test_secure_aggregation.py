@@ -1,0 +1,111 @@
+"""Secure aggregation end to end on the embedded default, through the real CLI: the sites
+train and answer the protocol's steps in local worker processes, every message goes
+through the object store, signed.
+
+Scenario: four demo sites, one of which (site-d) signs with a key that is not registered
+for it (its disk was restored from another machine, say). The same config runs twice,
+without and with secure aggregation. Both leave site-d out with the reason; with secure
+aggregation its key advert is refused before any share is dealt, the other three (the
+threshold is 3) complete every round, and the model equals the plain run's FedAvg up to
+the fixed-point rounding. No plain update is ever written; each site's masked update is
+in its own prefix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from fedround.tasks.checkpoints import load_checkpoint
+from fedround.tasks.core import keys
+from fedround.tasks.object_store import LocalObjectStore
+
+from .helpers import fedround, provision_demo_federation
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+FEDERATION = "e2e-secagg"
+SITES = ["site-a", "site-b", "site-c", "site-d"]
+CONFIG: dict[str, Any] = {
+    "federation": FEDERATION,
+    "seed": 9,
+    "rounds": 2,
+    "data": {
+        "source": "mnist",
+        "train_size": 1200,
+        "test_size": 300,
+        "split_seed": 42,
+        "partition": {"kind": "iid", "min_examples_per_site": 50},
+    },
+    "selection": {"min_sites": 3, "deadline_s": 300},
+    "training": {"batch_size": 32, "learning_rate": 0.05},
+    "contract": str(REPO / "deployments/examples/contracts/mnist-site-data.json"),
+    "sites": [{"name": site} for site in SITES],
+}
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedround.site_workers.settings import load_site_settings
+    from fedround.site_workers.signing_key import provision_site_keys, write_key_file
+    from fedround.tasks.core.signing import SigningKey
+
+    state = tmp_path_factory.mktemp("secagg-state")
+    plain = state.parent / "secagg-plain.yaml"
+    plain.write_text(yaml.safe_dump(CONFIG))
+    provision_demo_federation(plain, state)
+    configs = {site: next(state.rglob(f"{site}/site.yaml")) for site in SITES}
+    store = LocalObjectStore(state / "objects")
+    os.environ["FEDROUND_STATE_DIR"] = str(state)
+    try:
+        provision_site_keys(configs, store, FEDERATION)
+    finally:
+        del os.environ["FEDROUND_STATE_DIR"]
+    # site-d's key is replaced by one that was never registered
+    write_key_file(load_site_settings(configs["site-d"]).signing_key_path, SigningKey.generate())
+    return state
+
+
+def _run(state_dir: Path, run_id: str, secure: bool) -> dict[str, Any]:
+    path = state_dir.parent / f"secagg-{run_id}.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "secure_aggregation": {"enabled": secure}}))
+    done = fedround("run", str(path), "--run-id", run_id, "--json", state_dir=state_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.result
+
+
+def test_the_secure_run_is_the_plain_runs_fedavg_without_the_unregistered_site(
+    state_dir: Path,
+) -> None:
+    plain = _run(state_dir, "plain", secure=False)
+    secure = _run(state_dir, "secure", secure=True)
+
+    for result in (plain, secure):  # site-d is left out of every round, saying why
+        left_out = result["sites"]["left_out_in_rounds"]
+        assert sorted(left_out) == ["1", "2"]
+        assert all(left_out[r]["site-d"].startswith("unknown_key: ") for r in left_out)
+    assert [h["secagg_sites"] for h in secure["history"]] == [3.0, 3.0]
+    assert [h["secagg_threshold"] for h in secure["history"]] == [3.0, 3.0]
+    assert [h["sites_accepted"] for h in plain["history"]] == [3.0, 3.0]
+    store = LocalObjectStore(state_dir / "objects")
+    got = load_checkpoint(store, FEDERATION, "secure", 2).weights
+    want = load_checkpoint(store, FEDERATION, "plain", 2).weights
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-4)
+    assert secure["final_metrics"]["accuracy"] == pytest.approx(
+        plain["final_metrics"]["accuracy"], abs=0.01
+    )
+
+    for site in ("site-a", "site-b", "site-c"):
+        prefix = keys.update_prefix(FEDERATION, "secure", 1, site)
+        stored = store.list(prefix)
+        assert prefix + "secagg/masked.bin" in stored
+        assert not [key for key in stored if key.endswith("update.safetensors")]
+    # site-d's advert was refused: it was never asked to deal shares
+    assert not store.exists(keys.secagg_site_key(FEDERATION, "secure", 1, "site-d", "shares.json"))
