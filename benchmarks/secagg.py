@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -65,7 +66,10 @@ def run(sites: int, rounds: int, processes: int, secure: bool) -> dict[str, Any]
         path.write_text(yaml.safe_dump(config(sites, rounds, secure)))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
         env.update(
-            {"FEDROUND_STATE_DIR": str(Path(tmp) / "state"), "FEDROUND_SITE_PROCESSES": str(processes)}
+            {
+                "FEDROUND_STATE_DIR": str(Path(tmp) / "state"),
+                "FEDROUND_SITE_PROCESSES": str(processes),
+            }
         )
         try:
             result, seconds = run_cli([FEDROUND, "run", str(path), "--json"], env)
@@ -82,15 +86,15 @@ def run(sites: int, rounds: int, processes: int, secure: bool) -> dict[str, Any]
     figures["bytes_up_per_site"] = figures["bytes_up_per_round"] / sites
     if secure:
         for step in STEPS:
-            figures[f"{step}_seconds"] = statistics.median(h[f"secagg_{step}_seconds"] for h in later)
+            figures[f"{step}_seconds"] = statistics.median(
+                h[f"secagg_{step}_seconds"] for h in later
+            )
         figures["sites_summed"] = statistics.median(h["secagg_sites"] for h in later)
     return figures
 
 
 def run_cli_down(env: dict[str, str]) -> None:
     """Stop the local servers the run started for its state folder."""
-    import subprocess
-
     subprocess.run([FEDROUND, "down"], env=env, capture_output=True, check=False, timeout=120)
 
 

@@ -282,9 +282,11 @@ def run_secure_aggregation(
         logger.warning("round %d: %s", params.round, outcome.error)
         return outcome, strategy_state
     outcome.rejected.update(_reasons(server))
-    outcome.dropped = dropped
     _log_dropped(logger, dropped)
     survivors = list(server.survivors)
+    # A survivor that missed the unmask step is still in the sum (the others' shares
+    # removed its masks): it took part in the round.
+    outcome.dropped = {site: why for site, why in dropped.items() if site not in survivors}
     outcome.accepted = {site: counts[site] for site in survivors}
     # DP-FedAvg: an equally weighted mean over the round's selected sites (fixed denominator).
     dp = config.privacy.mode in ("central", "local")

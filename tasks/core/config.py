@@ -740,7 +740,7 @@ class SecureAggregationConfig(_Strict):
     least ``threshold`` remain, and below it the round aborts with nothing applied. Each
     coordinate is clipped to [−``value_range``, ``value_range``] before it is encoded (the
     clipped count is logged). What is lost: the coordinator cannot check one site's update
-    (norm, NaN, robust aggregators, per-update clipping); see docs/secure-aggregation.md.
+    (norm, robust aggregators, per-update clipping); see the README's "Secure aggregation".
     """
 
     enabled: bool = False
@@ -1197,6 +1197,11 @@ class FederationConfig(_Strict):
             "privacy.adaptive_clipping": (
                 self.privacy.adaptive_clipping is not None,
                 "it needs each update's norm; use a fixed privacy.clip_norm",
+            ),
+            "limits.max_update_norm": (
+                self.limits.max_update_norm is not None,
+                "the coordinator never sees one update's norm; secure_aggregation.value_range "
+                "bounds each coordinate instead, privacy.clip_norm the norm at the site",
             ),
         }
         for what, (bad, fix) in refused.items():

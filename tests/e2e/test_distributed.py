@@ -18,7 +18,8 @@ up by ``fedround coordinator start``). Scenarios (trigger → fault → expected
 - a deployment of other code put in a site's pool is refused by the site's worker;
 - ``mode: async`` runs through the same site sessions;
 - secure aggregation runs its steps through the same site sessions, to the plain run's
-  model up to its fixed-point rounding.
+  model up to its fixed-point rounding; a site killed between its shares and its masked
+  update drops out and the round completes.
 """
 
 from __future__ import annotations
@@ -480,6 +481,41 @@ def test_secure_aggregation_runs_its_steps_through_the_same_site_sessions(
         "round 1 · secure masked",
         "round 1 · secure unmask",
     } <= names
+
+
+def test_a_site_killed_during_the_secure_steps_drops_out_and_the_round_completes(
+    federation: Federation, tmp_path: Path
+) -> None:
+    # Arrange: secure aggregation, t = 2 of 3
+    config = variant(tmp_path, "secagg-kill", rounds=4, **{"secure_aggregation.enabled": True})
+    process = federation.start_run(config, "--run-id", "secagg-kill")
+
+    # Act: site-b's worker dies right after it dealt its shares in round 2
+    shares = keys.secagg_site_key(FEDERATION, "secagg-kill", 2, "site-b", "shares.json")
+    federation.wait_for_key(shares, process)
+    federation.kill_worker("site-b")
+    federation.start_worker("site-b")
+
+    # Assert: round 2 completes without site-b (its pair masks recovered from the other
+    # two's shares; or, had it masked already, with its update in the sum and its
+    # self-mask recovered), nothing is aborted, and site-b is back by the last round
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-4000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    history = result["history"]
+    assert [h["round"] for h in history] == [1, 2, 3, 4]
+    assert not any(h.get("secagg_aborted") for h in history)
+    second = history[1]
+    assert second["secagg_sites"] in (2.0, 3.0)
+    if second["secagg_sites"] == 2.0:
+        reason = result["sites"]["left_out_in_rounds"]["2"]["site-b"]
+        assert "dropped out at the masked step" in reason, reason
+        assert second["secagg_dropped"] == 1.0
+    last = federation.store.get(
+        keys.checkpoint_prefix(FEDERATION, "secagg-kill", 4) + "manifest.json"
+    )
+    assert json.loads(last)["sites"] == SITES
+    assert result["final_metrics"]["accuracy"] > 0.5
 
 
 def test_deployment_run_trains_through_the_coordinator_pool(

@@ -39,11 +39,14 @@ COUNTS = {"site-a": 100, "site-b": 400, "site-c": 250, "site-d": 50, "site-e": 2
 RUN, ROUND, NONCE = "r1", 1, "n" * 32
 
 
-def _config(extra: str = "") -> FederationConfig:
+SECURE = "secure_aggregation: {enabled: true, step_timeout_s: 5}\n"
+
+
+def _config(extra: str = "", secure: str = SECURE, min_sites: int = 2) -> FederationConfig:
     sites = ", ".join(f"{{name: {site}}}" for site in SITES)
     return parse_federation_config(
-        "federation: fed\ncontract: c.json\nselection: {min_sites: 2}\n"
-        f"secure_aggregation: {{enabled: true, step_timeout_s: 5}}\n{extra}sites: [{sites}]\n"
+        f"federation: fed\ncontract: c.json\nselection: {{min_sites: {min_sites}}}\n"
+        f"{secure}{extra}sites: [{sites}]\n"
     )
 
 
@@ -272,3 +275,45 @@ def test_too_few_sites_for_the_threshold_is_refused_before_anyone_is_asked() -> 
     config = _config("")
     with pytest.raises(SecAggAborted, match="fewer than the threshold"):
         secure_round(config, RUN, ROUND, NONCE, ["site-a"], {"w": torch.zeros(3)})
+
+
+@pytest.mark.parametrize(
+    ("extra", "refusal"),
+    [
+        ("mode: async\n", "does not combine with mode: async"),
+        ("strategy: {aggregator: median}\n", "strategy.aggregator: median"),
+        ("strategy: {name: scaffold}\n", "strategy.name: scaffold"),
+        ("strategy: {clip: {mode: fixed, bound: 1.0}}\n", "strategy.clip"),
+        ("strategy: {max_site_share: 0.5}\n", "strategy.max_site_share < 1"),
+        ("compression: {quantize_bits: 8}\n", "compression"),
+        ("limits: {max_update_norm: 5.0}\n", "limits.max_update_norm"),
+        (
+            "privacy: {mode: central, noise_multiplier: 1.0, clip_norm: 1.0, "
+            "adaptive_clipping: {target_quantile: 0.5}}\n",
+            "privacy.adaptive_clipping",
+        ),
+    ],
+)
+def test_settings_that_need_one_sites_update_are_refused(extra: str, refusal: str) -> None:
+    from fedround.tasks.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=refusal.replace(".", r"\.").replace("<", "<")):
+        _config(extra)
+
+
+def test_a_round_of_one_site_and_an_unreachable_threshold_are_refused() -> None:
+    from fedround.tasks.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_sites of at least 2"):
+        _config(min_sites=1)
+    with pytest.raises(ConfigError, match="threshold=9 is more than the 5 sites"):
+        _config(secure="secure_aggregation: {enabled: true, threshold: 9}\n")
+
+
+def test_the_default_value_range_leaves_room_for_the_dp_noise() -> None:
+    plain = _config().secure_aggregation
+    assert plain.round_value_range(_config().privacy, 3) == 1.0
+    config = _config("privacy: {mode: central, noise_multiplier: 1.5, clip_norm: 0.5}\n")
+    assert config.secure_aggregation.round_value_range(config.privacy, 4) == pytest.approx(
+        0.5 * (1 + 6 * 1.5 / 2)
+    )
