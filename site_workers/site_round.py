@@ -233,87 +233,14 @@ def run_site_round(settings: SiteSettings, spec: RoundSpec) -> SiteRoundResult:
         raise UserCodeError(f"training changed the model's parameter names: {unexpected[:5]}")
     delta = {name: local.weights[name] - global_weights[name] for name in global_weights}
     delta = apply_update_hooks(hooks, delta)
-    if spec.secagg is not None:
-        return _start_secure(settings, store, spec, delta, local, evaluated, nbytes_down, started)
-    upload = prepare_upload(
-        delta, spec.compression, spec.seed, settings.site_state_dir, spec.federation, spec.run_id
-    )
-    payload = weights_to_bytes(upload.tensors)
     metrics = {
         **local.metrics,
         "train_seconds": local.seconds,
         "bytes_down": float(nbytes_down),
         **evaluated,  # eval_<metric>, eval_examples: round − 1's model (federated evaluation)
-        "bytes_up_dense": float(upload.dense_nbytes),  # beside bytes_up (encoded)
     }
     if dispatch_latency is not None:
         metrics["dispatch_latency_seconds"] = dispatch_latency
-    if variate is not None:  # keep c_i⁺ at the site before the update leaves it
-        metrics.update(variate.commit())
-    manifest = UpdateManifest(
-        federation=spec.federation,
-        run_id=spec.run_id,
-        round=spec.round,
-        site=spec.site,
-        attempt=spec.attempt,
-        nonce=spec.nonce,
-        num_examples=local.num_examples,
-        sha256=sha256_hex(payload),
-        nbytes=len(payload),
-        metrics=metrics,
-        encoding=upload.encoding,
-    )
-    signing_key = load_signing_key(settings)
-    if signing_key is not None:
-        manifest = sign_manifest(manifest, signing_key)
-    update_key = keys.update_key(spec.federation, spec.run_id, spec.round, spec.site)
-    manifest_key = keys.update_manifest_key(spec.federation, spec.run_id, spec.round, spec.site)
-    store.put(update_key, payload)  # data first, manifest last: a manifest means complete
-    store.put(manifest_key, manifest.to_json())
-    upload.commit()  # the error-feedback residual, once the update is uploaded
-    seconds = time.perf_counter() - started
-    log.info(
-        "site %s round %d: %d examples, train loss %.4f, %d bytes up",
-        spec.site,
-        spec.round,
-        local.num_examples,
-        local.loss,
-        len(payload),
-    )
-    return SiteRoundResult(
-        site=spec.site,
-        round=spec.round,
-        ok=True,
-        num_examples=local.num_examples,
-        update_key=update_key,
-        manifest_key=manifest_key,
-        nbytes_up=len(payload) + len(manifest.to_json()),
-        nbytes_down=nbytes_down,
-        metrics=metrics,
-        seconds=seconds,
-    )
-
-
-def _start_secure(
-    settings: SiteSettings,
-    store: ObjectStore,
-    spec: RoundSpec,
-    delta: dict[str, torch.Tensor],
-    local: Any,
-    evaluated: dict[str, float],
-    nbytes_down: int,
-    started: float,
-) -> SiteRoundResult:
-    """Secure aggregation's first step: keep the update here, advertise the round's keys."""
-    assert spec.secagg is not None
-    metrics = {
-        **local.metrics,
-        "train_seconds": local.seconds,
-        "bytes_down": float(nbytes_down),
-        **evaluated,
-    }
-    if spec.dispatched_at:
-        metrics["dispatch_latency_seconds"] = time.time() - spec.dispatched_at
     manifest = UpdateManifest(
         federation=spec.federation,
         run_id=spec.run_id,
@@ -326,16 +253,59 @@ def _start_secure(
         nbytes=0,
         metrics=metrics,
     )
-    nbytes_up = start_secure_round(settings, store, spec.secagg, manifest, delta)
+    update_key = manifest_key = None
+    if spec.secagg is not None:  # the update stays here; only its keys' advert leaves
+        nbytes_up = start_secure_round(settings, store, spec.secagg, manifest, delta)
+    else:
+        upload = prepare_upload(
+            delta,
+            spec.compression,
+            spec.seed,
+            settings.site_state_dir,
+            spec.federation,
+            spec.run_id,
+        )
+        payload = weights_to_bytes(upload.tensors)
+        metrics["bytes_up_dense"] = float(upload.dense_nbytes)  # beside bytes_up (encoded)
+        if variate is not None:  # keep c_i⁺ at the site before the update leaves it
+            metrics.update(variate.commit())
+        manifest = manifest.model_copy(
+            update={
+                "sha256": sha256_hex(payload),
+                "nbytes": len(payload),
+                "metrics": metrics,
+                "encoding": upload.encoding,
+            }
+        )
+        signing_key = load_signing_key(settings)
+        if signing_key is not None:
+            manifest = sign_manifest(manifest, signing_key)
+        update_key = keys.update_key(spec.federation, spec.run_id, spec.round, spec.site)
+        manifest_key = keys.update_manifest_key(spec.federation, spec.run_id, spec.round, spec.site)
+        store.put(update_key, payload)  # data first, manifest last: a manifest means complete
+        store.put(manifest_key, manifest.to_json())
+        upload.commit()  # the error-feedback residual, once the update is uploaded
+        nbytes_up = len(payload) + len(manifest.to_json())
+    seconds = time.perf_counter() - started
+    log.info(
+        "site %s round %d: %d examples, train loss %.4f, %d bytes up",
+        spec.site,
+        spec.round,
+        local.num_examples,
+        local.loss,
+        nbytes_up,
+    )
     return SiteRoundResult(
         site=spec.site,
         round=spec.round,
         ok=True,
         num_examples=local.num_examples,
+        update_key=update_key,
+        manifest_key=manifest_key,
         nbytes_up=nbytes_up,
         nbytes_down=nbytes_down,
         metrics=metrics,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
     )
 
 

@@ -9,6 +9,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -384,6 +385,18 @@ ADVERT_FORGERIES: dict[str, tuple[Callable[[dict[str, object]], object], str]] =
 }
 
 
+def forging_site_c(change: Callable[[Any], Any]) -> Callable[[dict[str, Any]], None]:
+    """A hook that replaces site-c's message by ``change`` of its JSON body (bytes, or a
+    str standing for a caller that passes the wrong type, as they are; anything else as
+    JSON)."""
+
+    def forge(raw: dict[str, Any]) -> None:
+        forged = change(json.loads(raw["site-c"]))
+        raw["site-c"] = forged if isinstance(forged, bytes | str) else json.dumps(forged).encode()
+
+    return forge
+
+
 @pytest.mark.parametrize("forgery", sorted(ADVERT_FORGERIES))
 def test_a_forged_advert_is_excluded_with_a_reason(forgery: str) -> None:
     change, problem = ADVERT_FORGERIES[forgery]
@@ -391,12 +404,7 @@ def test_a_forged_advert_is_excluded_with_a_reason(forgery: str) -> None:
     updates = make_updates(params)
     driver = Driver(params, updates)
 
-    def forge(raw: dict[str, bytes]) -> None:
-        body = json.loads(raw["site-c"])
-        forged = change(body)
-        raw["site-c"] = forged if isinstance(forged, bytes | str) else json.dumps(forged).encode()  # type: ignore[assignment]
-
-    total = driver.run(adverts=forge)
+    total = driver.run(adverts=forging_site_c(change))
 
     assert problem in driver.server.rejected["site-c"]
     assert "site-c" not in driver.server.roster
@@ -459,11 +467,7 @@ def test_a_forged_share_bundle_is_excluded_with_a_reason(forgery: str) -> None:
     updates = make_updates(params)
     driver = Driver(params, updates)
 
-    def forge(raw: dict[str, bytes]) -> None:
-        forged = change(json.loads(raw["site-c"]))
-        raw["site-c"] = forged if isinstance(forged, bytes) else json.dumps(forged).encode()
-
-    total = driver.run(bundles=forge)
+    total = driver.run(bundles=forging_site_c(change))
 
     assert problem in driver.server.rejected["site-c"]
     assert "site-c" not in driver.server.shared
@@ -538,11 +542,7 @@ def test_a_forged_unmask_message_is_excluded_with_a_reason(forgery: str) -> None
     updates = make_updates(params)
     driver = Driver(params, updates)
 
-    def forge(raw: dict[str, bytes]) -> None:
-        forged = change(json.loads(raw["site-c"]))
-        raw["site-c"] = forged if isinstance(forged, bytes) else json.dumps(forged).encode()
-
-    total = driver.run(unmasks=forge)
+    total = driver.run(unmasks=forging_site_c(change))
 
     assert problem in driver.server.rejected["site-c"]
     assert driver.server.rejected["site-c"].startswith("unmask: ")
