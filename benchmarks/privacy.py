@@ -26,8 +26,13 @@ clipping without noise). ``--seeds N`` runs every
 setting with N seeds (split, selection, training and noise all follow the seed) and
 reports the median and the range of the final accuracy.
 
+Secure aggregation's cost (round time and bytes at 10 and 50 sites against the same run
+without it, through the real ``fedround run``) is :mod:`benchmarks.secagg`; ``--secagg-sizes
+10 50`` runs it from here too, ``--modes ''`` only it.
+
 Run: ``.venv/bin/python benchmarks/privacy.py [--rounds 30] [--sites 100] [--seeds 3]
-[--modes central,adaptive,local,record]``; writes ``benchmarks/results/privacy.json``.
+[--modes central,adaptive,local,record] [--secagg-sizes 10 50]``; writes
+``benchmarks/results/privacy.json``.
 """
 
 from __future__ import annotations
@@ -172,6 +177,14 @@ def main() -> None:
     parser.add_argument(
         "--record-clip-norm", type=float, default=1.0, help="record: C of one example's gradient"
     )
+    parser.add_argument(
+        "--secagg-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time secure aggregation against plain rounds at these site counts "
+        "(benchmarks/secagg.py, e.g. 10 50)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/privacy.json")
     args = parser.parse_args()
     job = Job(
@@ -192,7 +205,7 @@ def main() -> None:
         "sampling_rate": q_central,
         "runs": [],
     }
-    for mode in args.modes.split(","):
+    for mode in [mode for mode in args.modes.split(",") if mode]:
         q = q_central if mode != "local" else 1.0
         steps = job.rounds
         clip_norm = args.clip_norm
@@ -228,6 +241,10 @@ def main() -> None:
                 f"{sum(row['seconds']):.0f}s",
                 flush=True,
             )
+    if args.secagg_sizes:
+        from secagg import compare
+
+        results["secure_aggregation"] = compare(args.secagg_sizes, rounds=6, processes=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -98,17 +98,12 @@ def run_cli_down(env: dict[str, str]) -> None:
     subprocess.run([FEDROUND, "down"], env=env, capture_output=True, check=False, timeout=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/secagg.json")
-    args = parser.parse_args()
+def compare(sizes: list[int], rounds: int, processes: int) -> dict[str, Any]:
+    """For each size: the plain run, then the secure run, and their ratios (printed too)."""
     results: dict[str, Any] = {}
-    for sites in args.sizes:
-        plain = run(sites, args.rounds, args.processes, secure=False)
-        secure = run(sites, args.rounds, args.processes, secure=True)
+    for sites in sizes:
+        plain = run(sites, rounds, processes, secure=False)
+        secure = run(sites, rounds, processes, secure=True)
         results[str(sites)] = {
             "plain": plain,
             "secure": secure,
@@ -124,6 +119,17 @@ def main() -> None:
             f"{plain['accuracy']:.3f} / {secure['accuracy']:.3f}",
             flush=True,
         )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/secagg.json")
+    args = parser.parse_args()
+    results = compare(args.sizes, args.rounds, args.processes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 

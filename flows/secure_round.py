@@ -103,6 +103,26 @@ def secure_round(
     return SecureRound(params=params, noise_std=noise)
 
 
+def secure_tags(config: FederationConfig, aborted_rounds: Sequence[int]) -> dict[str, str]:
+    """How the model's rounds were aggregated, as a tag for its MLflow run and version
+    (``fedround lineage`` prints it with the privacy figures); empty when off."""
+    secure = config.secure_aggregation
+    if not secure.enabled:
+        return {}
+    threshold = (
+        f"at least {secure.threshold} sites" if secure.threshold else "a majority of each round"
+    )
+    value_range = "default" if secure.value_range is None else f"{secure.value_range:g}"
+    aborted = ",".join(str(r) for r in aborted_rounds) or "none"
+    return {
+        "fedround.privacy.secure_aggregation": (
+            f"on: the coordinator saw only sums of {threshold} (min_sites "
+            f"{config.selection.min_sites}); {secure.bits}-bit fixed point, value range "
+            f"{value_range}; rounds aborted: {aborted}"
+        )
+    }
+
+
 def _weights(config: FederationConfig, counts: Mapping[str, int]) -> dict[str, float]:
     """Each site's weight in (0, 1], fixed by the coordinator: alike under central DP or
     ``weighting: uniform``, else its (already bounded) example count over the largest."""

@@ -44,7 +44,7 @@ from fedround.flows.round_artifacts import (
     publish_run_summary,
 )
 from fedround.flows.secure_round import ABORTED as SECURE_ABORTED
-from fedround.flows.secure_round import secure_aggregate, secure_round
+from fedround.flows.secure_round import secure_aggregate, secure_round, secure_tags
 from fedround.site_workers.data import load_dataset
 from fedround.site_workers.dp_sgd import check_private_model
 from fedround.site_workers.site_round import RoundSpec, SiteRoundResult, evaluate_model
@@ -964,6 +964,9 @@ def _train(config_path: str, run_id: str, lineage: TrainingLineage) -> RunResult
             raise BudgetExceeded("the privacy budget left no round to train: nothing to register")
         final = load_checkpoint(store, config.federation, run_id, final_round)
         spent = privacy_tags(store, config, run_id)
+        spent.update(
+            secure_tags(config, [s.round for s in summaries if s.metrics.get("secagg_aborted")])
+        )
         if spent:
             tracker.set_tags(spent)
         final_evaluation = evaluate_final(tracker, store, ctx, final.weights)

@@ -42,6 +42,7 @@ from fedround.flows.services.proc import (
     clean_env,
     drop_record,
     http_ok,
+    mlflow_server_command,
     port_is_free,
     read_record,
     start,
@@ -217,18 +218,7 @@ class LocalServers:
                 "--ui",
             ]
         else:
-            command = [
-                tool("mlflow"),
-                "server",
-                "--host",
-                HOST,
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{self.state_dir / 'mlflow.db'}",
-            ]
+            command = mlflow_server_command(port, self.state_dir / "mlflow.db")
         return Launch(
             name,
             command,

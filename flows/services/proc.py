@@ -311,6 +311,22 @@ def tool(name: str) -> str:
     return found
 
 
+def mlflow_server_command(
+    port: int, database: Path, artifacts: str | None = None, app_name: str | None = None
+) -> list[str]:
+    """``mlflow server`` on 127.0.0.1:``port``, one worker, its runs in sqlite at
+    ``database``; ``artifacts``: where it stores artifacts (served through it);
+    ``app_name``: an MLflow app (``fedround-auth``)."""
+    command = [tool("mlflow"), "server"]
+    if app_name is not None:
+        command += ["--app-name", app_name]
+    command += ["--host", HOST, "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{database}"]
+    if artifacts is not None:
+        command += ["--artifacts-destination", artifacts]
+    return command
+
+
 def clean_env() -> dict[str, str]:
     """This process's environment without Prefect/MLflow/AWS settings meant for clients."""
     drop = ("PREFECT_", "MLFLOW_", "AWS_")

@@ -61,6 +61,7 @@ from fedround.flows.services.proc import (
     clean_env,
     drop_record,
     http_ok,
+    mlflow_server_command,
     port_is_free,
     read_record,
     require_free,
@@ -513,20 +514,9 @@ class ServiceStack:
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "DO_NOT_TRACK": "true",
         }
-        command = [
-            tool("mlflow"),
-            "server",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.dir / 'mlflow.db'}",
-            "--artifacts-destination",
-            f"s3://{self.mlflow_bucket}/artifacts",
-        ]
+        command = mlflow_server_command(
+            port, self.dir / "mlflow.db", f"s3://{self.mlflow_bucket}/artifacts"
+        )
         return Launch(
             "mlflow",
             command,

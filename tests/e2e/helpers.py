@@ -53,6 +53,22 @@ def provision_demo_federation(config_path: Path, state_dir: Path) -> None:
         del os.environ["FEDROUND_STATE_DIR"]
 
 
+def write_demo_federation(state_dir: Path, name: str, config: str) -> Path:
+    """Write ``config`` as ``<name>`` beside ``state_dir`` (outside the repository, so it is
+    recorded as an untracked config) and provision its demo sites; returns its path."""
+    path = state_dir.parent / name
+    path.write_text(config)
+    provision_demo_federation(path, state_dir)
+    return path
+
+
+def run_ok(config_path: Path, state_dir: Path, *args: str) -> dict[str, Any]:
+    """``fedround run CONFIG --json ARGS``, which must succeed; its result."""
+    done = fedround("run", str(config_path), "--json", *args, state_dir=state_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.result
+
+
 def fedround(*args: str, state_dir: Path, timeout: float = 600) -> Completed:
     done = subprocess.run(
         [FEDROUND, *args],

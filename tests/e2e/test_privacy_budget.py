@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 
 from fedround.tasks.core.privacy import epsilon
 
-from .helpers import fedround, provision_demo_federation
+from .helpers import fedround, run_ok, write_demo_federation
 
 pytestmark = pytest.mark.slow
 
@@ -56,17 +56,12 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def config_path(state_dir: Path) -> Path:
-    path = state_dir.parent / "dp.yaml"
-    path.write_text(CONFIG)
-    provision_demo_federation(path, state_dir)
-    return path
+    return write_demo_federation(state_dir, "dp.yaml", CONFIG)
 
 
 @pytest.fixture(scope="module")
 def first_run(state_dir: Path, config_path: Path) -> dict[str, Any]:
-    done = fedround("run", str(config_path), "--json", state_dir=state_dir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.result
+    return run_ok(config_path, state_dir)
 
 
 def test_epsilon_is_logged_per_round_and_on_the_model_version(first_run: dict[str, Any]) -> None:

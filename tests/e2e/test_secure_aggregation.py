@@ -25,7 +25,7 @@ from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core import keys
 from fedround.tasks.object_store import LocalObjectStore
 
-from .helpers import fedround, provision_demo_federation
+from .helpers import fedround, provision_demo_federation, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +75,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(state_dir: Path, run_id: str, secure: bool) -> dict[str, Any]:
     path = state_dir.parent / f"secagg-{run_id}.yaml"
     path.write_text(yaml.safe_dump({**CONFIG, "secure_aggregation": {"enabled": secure}}))
-    done = fedround("run", str(path), "--run-id", run_id, "--json", state_dir=state_dir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.result
+    return run_ok(path, state_dir, "--run-id", run_id)
 
 
 def test_the_secure_run_is_the_plain_runs_fedavg_without_the_unregistered_site(
@@ -107,5 +105,14 @@ def test_the_secure_run_is_the_plain_runs_fedavg_without_the_unregistered_site(
         stored = store.list(prefix)
         assert prefix + "secagg/masked.bin" in stored
         assert not [key for key in stored if key.endswith("update.safetensors")]
+    # The model version says how it was aggregated; lineage prints it
+    lineage = fedround(
+        "lineage", f"{FEDERATION}-global", secure["model"]["version"], state_dir=state_dir
+    )
+    assert lineage.returncode == 0, lineage.stderr[-2000:]
+    assert (
+        "privacy.secure_aggregation: on: the coordinator saw only sums of a majority of each "
+        "round (min_sites 3); 32-bit fixed point, value range default; rounds aborted: none"
+    ) in lineage.stdout
     # site-d's advert was refused: it was never asked to deal shares
     assert not store.exists(keys.secagg_site_key(FEDERATION, "secure", 1, "site-d", "shares.json"))

@@ -32,9 +32,9 @@ from fedround.flows.services.proc import (
     Launch,
     clean_env,
     http_ok,
+    mlflow_server_command,
     spawn,
     stop_record,
-    tool,
 )
 from fedround.tasks.certificates import TLSFiles, make_certificates
 
@@ -78,22 +78,9 @@ def fedround_auth_server(base: Path, tls: TLSFiles | None = None) -> Iterator[Au
     port = PORTS.pick()
     scheme = "https" if tls else "http"
     url = f"{scheme}://{HOST}:{port}"
-    command = [
-        tool("mlflow"),
-        "server",
-        "--app-name",
-        "fedround-auth",
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{base / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(base / "artifacts"),
-    ]
+    command = mlflow_server_command(
+        port, base / "mlflow.db", str(base / "artifacts"), app_name="fedround-auth"
+    )
     # mlflow shlex-splits --uvicorn-opts and puts them before its own options. Without a
     # graceful-shutdown limit uvicorn waits for the clients' idle keep-alive connections.
     uvicorn_opts = ["--timeout-graceful-shutdown", "2"]
