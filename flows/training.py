@@ -536,6 +536,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     if unsecurable:
         outcome = AggregationOutcome(weights=None, error=f"{SECURE_ABORTED}{unsecurable}")
         strategy_state = previous.strategy_state
+        logger.warning("round %d: %s", round_, outcome.error)
     elif secure is not None:
         outcome, strategy_state = _named(secure_aggregate, round_, "secure aggregate")(
             config,
