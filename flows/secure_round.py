@@ -247,7 +247,15 @@ def run_secure_aggregation(
             store,
             *where,
             "roster.json",
-            {"adverts": [advert.model_dump(mode="json") for advert in roster], "weights": weights},
+            {
+                # As the sites signed them: a site that pinned its peers' keys checks each.
+                "adverts": [adverts[advert.site].decode() for advert in roster],
+                "manifests": {
+                    advert.site: outcome.manifests[advert.site].model_dump(mode="json")
+                    for advert in roster
+                },
+                "weights": weights,
+            },
         )
         seconds["keys"] = time.perf_counter() - started
 

@@ -22,21 +22,26 @@ import json
 import os
 import secrets as pysecrets
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedround.tasks.core.errors import FedroundError
+from fedround.tasks.core.errors import FedroundError, UpdateRejected
 from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.secagg import (
     ClientSecrets,
     KeyAdvert,
+    RoundParams,
     client_advertise,
     client_mask,
     client_share,
     client_unmask,
 )
+from fedround.tasks.core.serialization import sha256_hex
+from fedround.tasks.core.signing import PeerKeys, verify_manifest
 from fedround.tasks.object_store import ObjectStore, open_store
 from fedround.tasks.secure_aggregation import (
     SecureRound,
@@ -116,6 +121,49 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+def check_adverts(
+    peer_keys_file: Path,
+    params: RoundParams,
+    adverts: dict[str, bytes],
+    manifests: dict[str, Any],
+) -> None:
+    """Every advert of the roster is the one its site signed for this round, checked
+    against the keys the federation owner gave this site (``fedround keys export``), so a
+    coordinator cannot slip in keys of its own and read the shares. Any doubt: this site
+    refuses to deal its shares (:class:`SecureAggregationError`, naming the site)."""
+    try:
+        peers = PeerKeys.from_json(peer_keys_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise SecureAggregationError(
+            f"peer_keys_file {peer_keys_file} is unusable ({exc}): ask the federation owner "
+            "for a fresh `fedround keys export`"
+        ) from exc
+    if peers.federation != params.federation:
+        raise SecureAggregationError(
+            f"peer_keys_file {peer_keys_file} holds the keys of {peers.federation}, not "
+            f"{params.federation}"
+        )
+    now = datetime.now(UTC)
+    for site, raw in sorted(adverts.items()):
+        ring = peers.rings.get(site)
+        try:
+            manifest = UpdateManifest.model_validate(manifests.get(site))
+            if ring is None:
+                raise ValueError(f"no pinned key for {site}: export the keys again")
+            verify_manifest(manifest, ring.valid(now), now)
+            expected = (params.federation, params.run_id, params.round, params.nonce, site)
+            found = (manifest.federation, manifest.run_id, manifest.round, manifest.nonce)
+            if (*found, manifest.site) != expected or manifest.encoding != "secagg-advert":
+                raise ValueError("it is signed for another round, site or step")
+            if manifest.sha256 != sha256_hex(raw):
+                raise ValueError("it is not the advert its site signed")
+        except (ValueError, UpdateRejected) as exc:
+            raise SecureAggregationError(
+                f"round {params.round}: the roster's advert of {site} does not check out "
+                f"against the pinned keys ({exc}): refusing to deal shares"
+            ) from exc
+
+
 def start_secure_round(
     settings: SiteSettings,
     store: ObjectStore,
@@ -164,7 +212,15 @@ def run_secure_step(settings: SiteSettings, step: SecureStep) -> int:
     try:
         if step.step == "shares":
             roster = read_broadcast(store, *where, "roster.json")
-            adverts = [KeyAdvert.model_validate(raw) for raw in roster["adverts"]]
+            raws = [str(raw).encode() for raw in roster["adverts"]]
+            adverts = [KeyAdvert.model_validate_json(raw) for raw in raws]
+            if settings.peer_keys_file is not None:
+                check_adverts(
+                    settings.peer_keys_file,
+                    params,
+                    {advert.site: raw for advert, raw in zip(adverts, raws, strict=True)},
+                    dict(roster.get("manifests") or {}),
+                )
             secrets, bundle = client_share(params, secrets, adverts)
             payload = bundle.model_dump_json().encode()
         elif step.step == "masked":

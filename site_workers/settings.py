@@ -55,6 +55,12 @@ class SiteSettings(BaseModel):
         description="the site's Ed25519 private key (mode 0600; $FEDROUND_SITE_SIGNING_KEY "
         "takes precedence); defaults to <state_dir>/signing.key",
     )
+    peer_keys_file: Path | None = Field(
+        None,
+        description="the federation's site keys as `fedround keys export` writes them: with "
+        "secure aggregation the site checks every other site's key advert against them "
+        "(otherwise it trusts the coordinator to relay the adverts faithfully)",
+    )
     threads: int = Field(1, ge=1, description="torch threads for local training")
     work_pool: str | None = Field(None, description="defaults to '<federation>-<site>'")
     prefect_api_url: str | None = Field(None, description="defaults to $PREFECT_API_URL")

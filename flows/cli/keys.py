@@ -5,7 +5,9 @@
 - ``keys register``: register a site's public key (as ``fedround site init`` printed it);
 - ``keys rotate``: a new key for a site, written 0600 where its settings say, registered,
   the old key valid for an overlap window (``--overlap 24h``);
-- ``keys revoke``: end a (compromised) key now, with a reason; it is never valid again.
+- ``keys revoke``: end a (compromised) key now, with a reason; it is never valid again;
+- ``keys export``: every site's public keys in one file, for the sites to pin (secure
+  aggregation's adverts are then checked by the sites themselves).
 
 Every change is audited (``fedround audit`` shows ``key-register`` and ``key-revoke``).
 
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
     from fedround.tasks.object_store import ObjectStore
 
 keys_app = typer.Typer(
-    help="The sites' update-signing keys: list, register, rotate, revoke.", no_args_is_help=True
+    help="The sites' update-signing keys: list, register, rotate, revoke, export.",
+    no_args_is_help=True,
 )
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -183,10 +186,41 @@ def revoke(
         )
 
 
+def export(
+    federation: Annotated[str, typer.Option(help="The federation whose site keys to export.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write them (JSON, public keys only).")
+    ],
+) -> None:
+    """Write every site's registered public keys to a file, for the site operators to pin
+    (``peer_keys_file`` in site.yaml): with secure aggregation each site then checks the
+    other sites' key adverts itself. Export again after a rotation or revocation."""
+    from fedround.tasks.core.signing import PeerKeys
+    from fedround.tasks.site_keys import load_key_ring, registered_sites
+
+    try:
+        store = _coordinator_store()
+        rings = {
+            site: load_key_ring(store, federation, site)
+            for site in registered_sites(store, federation)
+        }
+    except FedroundError as exc:
+        _fail(str(exc))
+    if not rings:
+        _fail(f"no site keys registered for {federation}: nothing to export")
+    peers = PeerKeys(federation=federation, exported_at=datetime.now(UTC), rings=rings)
+    out.write_bytes(peers.to_json())
+    typer.echo(
+        f"wrote the keys of {len(rings)} sites of {federation} to {out}: give it to every "
+        "site operator (peer_keys_file in site.yaml)"
+    )
+
+
 keys_app.command("list")(list_keys)
 keys_app.command("register")(register_command)
 keys_app.command("rotate")(rotate)
 keys_app.command("revoke")(revoke)
+keys_app.command("export")(export)
 
 
 def register(app: typer.Typer) -> None:

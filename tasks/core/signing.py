@@ -146,6 +146,25 @@ class KeyRing(BaseModel):
         return cls.model_validate_json(data)
 
 
+class PeerKeys(BaseModel):
+    """Every site's key ring of one federation, as ``fedround keys export`` writes them for
+    the site operators: pinned at each site, they let a site check the other sites'
+    secure-aggregation adverts itself instead of trusting the coordinator to relay them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    federation: str
+    exported_at: datetime
+    rings: dict[str, KeyRing] = Field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> PeerKeys:
+        return cls.model_validate_json(data)
+
+
 class SigningKey:
     """A site's Ed25519 private key. Its text never goes to a log: ``repr`` hides it."""
 

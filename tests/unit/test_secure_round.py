@@ -10,6 +10,7 @@ site at a chosen step to inject a fault a real run cannot be made to produce on 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,15 +52,19 @@ def _config(extra: str = "", secure: str = SECURE, min_sites: int = 2) -> Federa
 
 
 class InProcessSites:
-    """Runs each site's step in this process; ``drop[step]`` sites fail it (a fault)."""
+    """Runs each site's step in this process; ``drop[step]`` sites fail it (a fault);
+    ``before[step]`` runs first (a fault: a coordinator tampering with its broadcast)."""
 
     def __init__(self, settings: dict[str, SiteSettings]) -> None:
         self.settings = settings
         self.drop: dict[str, set[str]] = {}
+        self.before: dict[str, Callable[[], None]] = {}
         self.asked: list[tuple[str, list[str]]] = []
 
     def secure_steps(self, steps: list[SecureStep], timeout: float) -> dict[str, str | None]:
         self.asked.append((steps[0].step, [step.site for step in steps]) if steps else ("", []))
+        if steps and steps[0].step in self.before:
+            self.before[steps[0].step]()
         outcomes: dict[str, str | None] = {}
         for step in steps:
             if step.site in self.drop.get(step.step, set()):
@@ -74,7 +79,9 @@ class InProcessSites:
 
 
 class Round:
-    def __init__(self, tmp_path: Path, config: FederationConfig) -> None:
+    def __init__(
+        self, tmp_path: Path, config: FederationConfig, peer_keys: Path | None = None
+    ) -> None:
         self.config = config
         self.store = LocalObjectStore(tmp_path / "store")
         store_settings = ObjectStoreSettings(kind="local", root=tmp_path / "store")
@@ -84,6 +91,7 @@ class Round:
                 federation="fed",
                 data_dir=tmp_path / site,
                 object_store=store_settings,
+                peer_keys_file=peer_keys,
             )
             for site in SITES
         }
@@ -317,3 +325,54 @@ def test_the_default_value_range_leaves_room_for_the_dp_noise() -> None:
     assert config.secure_aggregation.round_value_range(config.privacy, 4) == pytest.approx(
         0.5 * (1 + 6 * 1.5 / 2)
     )
+
+
+def _pinned(tmp_path: Path) -> Round:
+    """A round whose sites pinned the federation's keys, as `fedround keys export` wrote."""
+    from fedround.tasks.core.signing import PeerKeys
+    from fedround.tasks.site_keys import load_key_ring
+
+    path = tmp_path / "peers.json"
+    round_ = Round(tmp_path, _config(), peer_keys=path)
+    rings = {site: load_key_ring(round_.store, "fed", site) for site in SITES}
+    path.write_bytes(
+        PeerKeys(federation="fed", exported_at=datetime.now(UTC), rings=rings).to_json()
+    )
+    return round_
+
+
+def test_sites_that_pinned_their_peers_keys_check_every_advert(tmp_path: Path) -> None:
+    round_ = _pinned(tmp_path)
+    round_.train()
+    outcome, _ = round_.aggregate()
+    assert outcome.error is None
+    _close(outcome.weights, round_.expected(SITES))
+
+
+def test_a_coordinator_that_slips_in_its_own_keys_gets_no_shares(tmp_path: Path) -> None:
+    """A coordinator replaces site-c's advert in the roster with keys of its own (to read
+    the shares sent to "site-c"): every site that pinned the federation's keys refuses to
+    deal its shares, so nothing is revealed and the round aborts."""
+    from fedround.tasks.core.secagg import client_advertise
+
+    round_ = _pinned(tmp_path)
+    key = keys.secagg_round_key("fed", RUN, ROUND, "roster.json")
+
+    def substitute() -> None:  # the fault: the coordinator tampers with its own broadcast
+        roster = json.loads(round_.store.get(key))
+        _, own = client_advertise(round_.secure.params, "site-c")
+        roster["adverts"] = [
+            own.model_dump_json() if json.loads(raw)["site"] == "site-c" else raw
+            for raw in roster["adverts"]
+        ]
+        round_.store.put(key, json.dumps(roster).encode())
+
+    round_.sites.before["shares"] = substitute
+    round_.train()
+    outcome, _ = round_.aggregate()
+    assert outcome.weights is None and str(outcome.error).startswith(ABORTED)
+    assert set(outcome.dropped) == set(SITES)
+    reason = outcome.dropped["site-a"]
+    assert "the roster's advert of site-c does not check out against the pinned keys" in reason
+    stored = round_.store.list("fed/")
+    assert not [k for k in stored if k.endswith("secagg/shares.bin")]  # no share was dealt

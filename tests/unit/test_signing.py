@@ -467,3 +467,34 @@ def test_cli_revokes_a_key_and_lists_it_as_revoked(
     assert done.exit_code == 0, done.output
     assert "no valid key left" in done.output
     assert f"{SITE_KEY.key_id}  REVOKED at" in listed.output and "lost" in listed.output
+
+
+def test_cli_exports_every_sites_public_keys_for_pinning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedround.flows.cli.main import app
+    from fedround.tasks.core.signing import PeerKeys
+
+    monkeypatch.delenv("FEDROUND_OBJECT_STORE", raising=False)
+    monkeypatch.setenv("FEDROUND_STATE_DIR", str(tmp_path / "state"))
+    runner = CliRunner()
+    out = tmp_path / "peers.json"
+    export = ["keys", "export", "--federation", "fed", "--out", str(out)]
+
+    empty = runner.invoke(app, export)
+    store = LocalObjectStore(tmp_path / "state" / "objects")
+    register_key(store, "fed", "a", SITE_KEY.registered())
+    register_key(store, "fed", "b", OTHER_KEY.registered())
+    done = runner.invoke(app, export)
+
+    assert empty.exit_code == 1 and "no site keys registered for fed" in empty.output
+    assert done.exit_code == 0, done.output
+    peers = PeerKeys.from_json(out.read_bytes())
+    assert peers.federation == "fed"
+    assert {site: [k.key_id for k in ring.keys] for site, ring in peers.rings.items()} == {
+        "a": [SITE_KEY.key_id],
+        "b": [OTHER_KEY.key_id],
+    }
+    assert "PRIVATE" not in out.read_text() and SITE_KEY.private_text() not in out.read_text()

@@ -22,8 +22,9 @@ coordinator that tells some sites a site dropped and others that it survived the
 cannot collect t shares of both its secrets, since each site reveals only one kind).
 What it does not protect against: a coordinator that substitutes the sites' key adverts
 (it could then read the shares): the adverts must reach the sites authenticated. The
-integration signs them with the sites' Ed25519 keys, but only the coordinator verifies
-those signatures, so it is trusted to relay the adverts faithfully. And the sum itself,
+integration signs them with the sites' Ed25519 keys; sites that pinned the federation's
+keys (``peer_keys_file``) check every advert themselves, otherwise the coordinator is
+trusted to relay them faithfully. And the sum itself,
 which with t survivors and t − 1 colluders is the one honest site's update: add
 :func:`distributed_noise_std` noise for differential privacy.
 
