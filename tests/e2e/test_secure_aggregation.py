@@ -2,13 +2,14 @@
 train and answer the protocol's steps in local worker processes, every message goes
 through the object store, signed.
 
-Scenario: four demo sites, one of which (site-d) signs with a key that is not registered
-for it (its disk was restored from another machine, say). The same config runs twice,
-without and with secure aggregation. Both leave site-d out with the reason; with secure
-aggregation its key advert is refused before any share is dealt, the other three (the
-threshold is 3) complete every round, and the model equals the plain run's FedAvg up to
-the fixed-point rounding. No plain update is ever written; each site's masked update is
-in its own prefix.
+Scenario: four demo sites that pinned the federation's keys (``fedround keys export``,
+``peer_keys_file``), one of which (site-d) then signs with a key that is not registered
+for it (its disk was restored from another machine, say). With secure
+aggregation, site-d's key advert is refused before any share is dealt (the reason is in
+the round table), and the other three (the threshold is 3) complete every round. No plain
+update is ever written; each site's masked update is in its own prefix; the model's
+lineage says how it was aggregated. (That the secure sum equals plain FedAvg is shown
+against a plain run in tests/e2e/test_distributed.py and tests/unit/test_secure_round.py.)
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
-from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core import keys
 from fedround.tasks.object_store import LocalObjectStore
 
@@ -67,39 +66,34 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         provision_site_keys(configs, store, FEDERATION)
     finally:
         del os.environ["FEDROUND_STATE_DIR"]
-    # site-d's key is replaced by one that was never registered
+    # Every site pins the federation's keys as `fedround keys export` writes them
+    peers = state / "peers.json"
+    exported = fedround(
+        "keys", "export", "--federation", FEDERATION, "--out", str(peers), state_dir=state
+    )
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    for path in configs.values():
+        raw = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**raw, "peer_keys_file": str(peers)}))
+    # site-d's key is then replaced by one that was never registered
     write_key_file(load_site_settings(configs["site-d"]).signing_key_path, SigningKey.generate())
     return state
 
 
-def _run(state_dir: Path, run_id: str, secure: bool) -> dict[str, Any]:
-    path = state_dir.parent / f"secagg-{run_id}.yaml"
-    path.write_text(yaml.safe_dump({**CONFIG, "secure_aggregation": {"enabled": secure}}))
-    return run_ok(path, state_dir, "--run-id", run_id)
-
-
-def test_the_secure_run_is_the_plain_runs_fedavg_without_the_unregistered_site(
+def test_the_secure_run_sums_the_three_signed_sites_and_leaves_out_the_unregistered_one(
     state_dir: Path,
 ) -> None:
-    plain = _run(state_dir, "plain", secure=False)
-    secure = _run(state_dir, "secure", secure=True)
+    path = state_dir.parent / "secagg.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "secure_aggregation": {"enabled": True}}))
+    secure = run_ok(path, state_dir, "--run-id", "secure")
 
-    for result in (plain, secure):  # site-d is left out of every round, saying why
-        left_out = result["sites"]["left_out_in_rounds"]
-        assert sorted(left_out) == ["1", "2"]
-        assert all(left_out[r]["site-d"].startswith("unknown_key: ") for r in left_out)
+    left_out = secure["sites"]["left_out_in_rounds"]  # site-d, every round, saying why
+    assert sorted(left_out) == ["1", "2"]
+    assert all(left_out[r]["site-d"].startswith("unknown_key: ") for r in left_out)
     assert [h["secagg_sites"] for h in secure["history"]] == [3.0, 3.0]
     assert [h["secagg_threshold"] for h in secure["history"]] == [3.0, 3.0]
-    assert [h["sites_accepted"] for h in plain["history"]] == [3.0, 3.0]
+    assert secure["final_metrics"]["accuracy"] > 0.3  # it learns (a plain run: about 0.55)
     store = LocalObjectStore(state_dir / "objects")
-    got = load_checkpoint(store, FEDERATION, "secure", 2).weights
-    want = load_checkpoint(store, FEDERATION, "plain", 2).weights
-    for name, tensor in want.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-4)
-    assert secure["final_metrics"]["accuracy"] == pytest.approx(
-        plain["final_metrics"]["accuracy"], abs=0.01
-    )
-
     for site in ("site-a", "site-b", "site-c"):
         prefix = keys.update_prefix(FEDERATION, "secure", 1, site)
         stored = store.list(prefix)
