@@ -276,7 +276,8 @@ def test_central_dp_noise_is_added_by_the_sites_in_shares(tmp_path: Path) -> Non
     }
     residual = torch.cat([(outcome.weights[name] - mean[name]).reshape(-1) for name in mean])
     # Five sites' noise of σC/√3 each, over 5: std 2/√3·√5/5 ≈ 0.516 per coordinate.
-    assert float(residual.std()) == pytest.approx(2.0 / 3**0.5 * 5**0.5 / 5, rel=0.15)
+    # 252 coordinates: the std estimate is within 25 % (5.6 standard errors) but for ~1e-8
+    assert float(residual.std()) == pytest.approx(2.0 / 3**0.5 * 5**0.5 / 5, rel=0.25)
 
 
 def test_too_few_sites_for_the_threshold_is_refused_before_anyone_is_asked() -> None:
