@@ -30,6 +30,7 @@ federation's ``updates/`` prefix as a second line (``deployments/minio/init.sh``
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -413,8 +414,9 @@ class DistributedDispatcher:
 
     def secure_steps(self, steps: list[SecureStep], timeout: float) -> dict[str, str | None]:
         """Name the step and its sites in the run pointer; each site's session answers it
-        once. Waits for every site's signed message (or its error object) until
-        ``timeout``; a site whose session stops beating drops out at once."""
+        once. Waits (:meth:`_poll`, one site after the other against one deadline: the
+        sites work at the same time) for every site's signed message or its error
+        object; a site whose session stops beating drops out at once."""
         if not steps:
             return {}
         first = steps[0]
@@ -430,45 +432,33 @@ class DistributedDispatcher:
             }
         )
         deadline = time.monotonic() + timeout
-        pending = {step.site: step for step in steps}
         outcomes: dict[str, str | None] = {}
-        next_liveness = 0.0
-        while pending:
-            for site, step in list(pending.items()):
-                answered, why = self._step_answer(step)
-                if answered:
-                    outcomes[site] = why
-                    del pending[site]
-            now = time.monotonic()
-            if not pending:
-                break
-            if now >= deadline:
-                outcomes.update(dict.fromkeys(pending, f"missed the {timeout:.0f}s deadline"))
-                break
-            if now >= next_liveness:
-                next_liveness = now + 0.5
-                for site in [s for s in pending if not self._alive_or_joining(s)]:
-                    outcomes[site] = "its session stopped answering"
-                    del pending[site]
-            time.sleep(self.poll_s)
+        for step in steps:
+            what = f"the secure {step.step} step"
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                self._poll(step.site, what, left, functools.partial(self._step_answer, step), True)
+                outcomes[step.site] = None
+            except SiteUnavailable as exc:
+                outcomes[step.site] = str(exc)
         return outcomes
 
-    def _step_answer(self, step: SecureStep) -> tuple[bool, str | None]:
-        """(True, None): the site's message for ``step`` is there; (True, why): it failed
-        the step; (False, None): nothing yet."""
+    def _step_answer(self, step: SecureStep) -> bool | None:
+        """True once the site's message for ``step`` is there (the secure aggregation reads
+        and verifies it, a malformed one included); :class:`SiteUnavailable` when the site
+        wrote why it failed the step; None while neither is there."""
         federation, run_id, round_, site = step.federation, step.run_id, step.round, step.site
-        try:
-            raw = self._get(manifest_key(federation, run_id, round_, site, step.step), 64 * 1024)
-        except SiteUnavailable as exc:
-            return True, str(exc)
+        raw = self._get(manifest_key(federation, run_id, round_, site, step.step), 64 * 1024)
         if raw is not None:
             try:
                 if UpdateManifest.from_json(raw).nonce == step.nonce:
-                    return True, None  # read and verified by the secure aggregation itself
+                    return True
             except ValueError:
-                return True, None  # malformed: the secure aggregation rejects it, saying why
+                return True  # malformed: the secure aggregation rejects it, saying why
         error = self._error(step_error_key(federation, run_id, round_, site, step.step), step.nonce)
-        return (True, error) if error else (False, None)
+        if error:
+            raise SiteUnavailable(f"site {site} failed {step.step}: {error}")
+        return None
 
     def _put_pointer(self, body: dict[str, Any]) -> None:
         key = keys.run_pointer_key(self.config.federation, self.run_id)

@@ -275,7 +275,8 @@ def run_secure_aggregation(
 
         started = time.perf_counter()
         answered = _ask("masked", secure, list(server.shared), timeout, dropped)
-        itemsize = np.dtype(params.fixed_point().dtype).itemsize
+        dtype = params.fixed_point().dtype
+        itemsize = np.dtype(dtype).itemsize
         for site in answered:
             masked = read("masked", [site], params.length * itemsize).get(site)
             if masked is None:
@@ -286,7 +287,7 @@ def run_secure_aggregation(
                         f"site {site}: masked update of {len(masked)} bytes, expected "
                         f"{params.length * itemsize}"
                     )
-                server.add_masked(site, np.frombuffer(masked, dtype=params.fixed_point().dtype))
+                server.add_masked(site, np.frombuffer(masked, dtype=dtype))
             except SecAggMessageError as exc:
                 outcome.rejected[site] = f"malformed: {exc}"
         put_broadcast(
