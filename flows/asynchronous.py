@@ -11,7 +11,8 @@ checkpoints it (weights, the server optimizer's state, the reputation record) an
 it to the sites that are idle. An update more than ``async.max_staleness`` versions old
 is rejected and reported. ``rounds`` counts global versions; version v is checkpointed as
 round v, so ``fedround run --run-id`` resumes an async run like a synchronous one (the
-updates in flight at a crash are lost, nothing else).
+updates in flight at a crash are lost, nothing else). The updates still in flight when the
+last version is made are verified and recorded with it, not used.
 
 A site trains at most once on each global version (a fast site cannot fill a buffer on
 its own); a site whose training fails, or that is down, waits for the next version
@@ -48,7 +49,7 @@ from fedround.tasks import run_context
 from fedround.tasks.aggregation import read_update, rejection
 from fedround.tasks.checkpoints import load_checkpoint
 from fedround.tasks.core.errors import ObjectStoreError, QuorumNotReached, UpdateRejected
-from fedround.tasks.core.manifest import GlobalManifest
+from fedround.tasks.core.manifest import GlobalManifest, UpdateManifest
 from fedround.tasks.core.reputation import Reputation, split_state
 from fedround.tasks.core.round_table import SiteFigures, site_rows
 from fedround.tasks.core.strategies import BufferedAsync, NormClipping, build_optimizer
@@ -153,8 +154,9 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
             and parked.get(site, (-1, ""))[0] < version
         ]
         idle.sort(key=lambda site: (trained_on.get(site, -1), site))  # longest waiting first
-        room = config.async_concurrency - len(training)
-        for site in idle[: max(room, 0)]:
+        for site in idle:  # a site left out here does not take a training slot
+            if len(training) >= config.async_concurrency:
+                break
             over_quota = site_over_quota(store, config.federation, site, config.limits)
             if over_quota is not None:
                 trained_on[site] = version
@@ -189,20 +191,15 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
             + "; ".join(f"{s} ({why})" for s, why in sorted(reasons.items()))
         )
 
-    publish(buffered.version)
-    while buffered.version < config.rounds:
-        fill()
-        if not training:
-            raise stalled()
-        finished = next(as_completed([t.future for t in training.values()]))
-        site = next(s for s, t in training.items() if t.future is finished)
-        job = training.pop(site)
+    def verified(site: str, job: _Training) -> tuple[UpdateManifest, Any, SiteRoundResult] | None:
+        """The site's finished training as a verified update, or ``None`` with why in ``now``."""
+        finished = job.future
         reason = _failure(finished)
         if reason is not None:
             now.failed[site] = reason
             parked[site] = (buffered.version, reason)
             logger.warning("site %s (version %d): %s", site, job.base, reason)
-            continue
+            return None
         result = finished.result()
         assert isinstance(result, SiteRoundResult)
         expectation = UpdateExpectation(
@@ -234,10 +231,40 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
             if isinstance(exc, UpdateRejected):  # a verdict on the site, unlike a store error
                 now.checked.add(site)
                 now.struck.add(site)
-            continue
-        submission = buffered.submit(delta, job.base)
-        del delta
+            return None
         now.checked.add(site)
+        return manifest, delta, result
+
+    def drain() -> None:
+        """Verify and record the updates still in flight when the last version is made.
+
+        Their trainings run to completion either way (a flow waits for its tasks), so
+        each is verified like any other and recorded with the last version: a rejected
+        one is audited, a valid one is reported as arriving too late to be used.
+        """
+        for finished in as_completed([t.future for t in training.values()]):
+            site = next(s for s, t in training.items() if t.future is finished)
+            job = training.pop(site)
+            if verified(site, job) is not None:
+                now.stale[f"{site} (version {job.base})"] = (
+                    f"verified, not used: it arrived after version {config.rounds}, the last, "
+                    "was made"
+                )
+
+    publish(buffered.version)
+    while buffered.version < config.rounds:
+        fill()
+        if not training:
+            raise stalled()
+        finished = next(as_completed([t.future for t in training.values()]))
+        site = next(s for s, t in training.items() if t.future is finished)
+        job = training.pop(site)
+        update = verified(site, job)
+        if update is None:
+            continue
+        manifest, delta, result = update
+        submission = buffered.submit(delta, job.base)
+        del delta, update
         if not submission.accepted:
             now.stale[f"{site} (version {job.base})"] = f"rejected: {submission.reason}"
             logger.warning("site %s: update rejected: %s", site, submission.reason)
@@ -255,6 +282,8 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
         now.train_seconds_total += trained
         now.figures[site] = site_figures(result)
         if submission.applied:
+            if buffered.version >= config.rounds:
+                drain()
             yield _commit(ctx, store, buffered, reputation, now, config.rounds)
             if buffered.version < config.rounds:
                 publish(buffered.version)
