@@ -36,6 +36,7 @@ from fedround.flows.training import (
     CHECKPOINTED_COUNTS,
     RoundSummary,
     RunContext,
+    _call,
     _named,
     checkpoint,
     evaluate_global,
@@ -312,7 +313,7 @@ def _commit(
     number = buffered.version
     reputation.record(number, sorted(version.checked), sorted(version.struck))
     state = reputation.with_state({FEDBUFF_STATE: buffered.state_dict()})
-    evaluation = _named(evaluate_global, number, "evaluate")(ctx, buffered.weights)
+    evaluation = _call(evaluate_global, number, "evaluate", ctx, buffered.weights)
     metrics: dict[str, float] = {
         "sites_selected": float(len(version.dispatched)),
         "sites_accepted": float(len(version.accepted)),
@@ -324,8 +325,16 @@ def _commit(
     assert set(metrics) == CHECKPOINTED_COUNTS
     if evaluation is not None:
         metrics.update(evaluation)
-    committed = _named(checkpoint, number, "checkpoint")(
-        ctx, number, buffered.weights, state, metrics, sorted(version.accepted)
+    committed = _call(
+        checkpoint,
+        number,
+        "checkpoint",
+        ctx,
+        number,
+        buffered.weights,
+        state,
+        metrics,
+        sorted(version.accepted),
     )
     seconds = time.perf_counter() - version.started
     metrics.update(

@@ -92,12 +92,17 @@ def _site_settings(config_file: str) -> SiteSettings:
 
 
 def _warm_up_training() -> int:
-    """Import torch and the site round once per training worker process."""
+    """Import torch and the site round once per training worker process.
+
+    A throwaway optimizer too: torch's first optimizer imports its compiler stack
+    (seconds), which would otherwise land in the first round.
+    """
     import torch
 
     import fedround.site_workers.site_round  # noqa: F401
 
     torch.set_num_threads(1)
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     return os.getpid()
 
 
