@@ -348,7 +348,7 @@ def _commit(
         }
     )
     tracker = RunTracker(ctx.settings.tracking_uri, ctx.mlflow_run_id)
-    tracker.log_metrics({**metrics, **reputation.metrics()}, step=number, wait=False)
+    tracker.log_metrics({**metrics, **reputation.metrics(version.checked)}, step=number, wait=False)
     get_run_logger().info(
         "version %d/%d: %d updates (staleness ≤ %d), %s %s",
         number,

@@ -683,7 +683,7 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     }
     tracker = RunTracker(ctx.settings.tracking_uri, ctx.mlflow_run_id)
     tracker.log_metrics(
-        {**metrics, **site_metrics, **reputation.metrics()}, step=round_, wait=False
+        {**metrics, **site_metrics, **reputation.metrics(outcome.checked)}, step=round_, wait=False
     )
     federated = log_evaluation(
         tracker, round_ - 1, {s: done[s].metrics for s in outcome.accepted}, ctx.max_examples

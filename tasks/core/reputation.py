@@ -112,9 +112,17 @@ class Reputation:
             candidates = sorted(candidates, key=lambda s: (-self.strikes(s), s))[:room]
         return {site: self.reason(site) for site in sorted(candidates)}
 
-    def metrics(self) -> dict[str, float]:
-        """``site.<site>.strikes`` for every site with a record (MLflow, per round)."""
-        return {f"site.{site}.strikes": float(self.strikes(site)) for site in sorted(self.history)}
+    def metrics(self, sites: Iterable[str]) -> dict[str, float]:
+        """``site.<site>.strikes`` for ``sites`` (MLflow, per round): the sites just recorded.
+
+        A site's strikes change only when one of its updates is recorded, so logging the
+        others again each round would add no point to their series, only rows (one per
+        site of the federation per round: most of a round's logging at 1,000 sites)."""
+        return {
+            f"site.{site}.strikes": float(self.strikes(site))
+            for site in sorted(set(sites))
+            if site in self.history
+        }
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Flagged sites for result.json and the lineage: their strikes, the updates those

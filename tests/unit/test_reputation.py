@@ -27,7 +27,9 @@ def test_strikes_count_over_the_sites_last_updates_only() -> None:
     assert reputation.strikes("b") == 0 and reputation.updates("b") == 2
     assert reputation.flagged() == ["a"]
     assert reputation.over_threshold() == []
-    assert reputation.metrics() == {"site.a.strikes": 2.0, "site.b.strikes": 0.0}
+    assert reputation.metrics(["a", "b"]) == {"site.a.strikes": 2.0, "site.b.strikes": 0.0}
+    # only the sites named (those recorded in a round) are logged; unknown ones have no figure
+    assert reputation.metrics(["b", "z"]) == {"site.b.strikes": 0.0}
     # a round recorded again (a resumed run repeating it) replaces its entry, never doubles
     reputation.record(5, {"a", "b"}, {"a", "b"})
     assert reputation.strikes("a") == 2 and reputation.updates("a") == 4
