@@ -448,7 +448,9 @@ class DistributedDispatcher:
         and verifies it, a malformed one included); :class:`SiteUnavailable` when the site
         wrote why it failed the step; None while neither is there."""
         federation, run_id, round_, site = step.federation, step.run_id, step.round, step.site
-        raw = self._get(manifest_key(federation, run_id, round_, site, step.step), 64 * 1024)
+        raw = self._get(
+            manifest_key(federation, run_id, round_, site, step.step), UPDATE_MANIFEST_MAX_BYTES
+        )
         if raw is not None:
             try:
                 if UpdateManifest.from_json(raw).nonce == step.nonce:

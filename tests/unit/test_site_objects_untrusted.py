@@ -23,6 +23,7 @@ from fedround.tasks.core.limits import SESSION_STATE_MAX_BYTES, UPDATE_MANIFEST_
 from fedround.tasks.core.manifest import UpdateManifest
 from fedround.tasks.core.validation import UpdateExpectation
 from fedround.tasks.object_store import LocalObjectStore
+from fedround.tasks.secure_aggregation import SecureStep, manifest_key
 
 pytestmark = pytest.mark.security("untrusted-site-objects")
 
@@ -124,3 +125,33 @@ def test_oversized_updates_and_manifests_are_rejected_without_reading_them_whole
         read_update(store, _expectation(4000))
     assert caught.value.reason is RejectReason.TOO_LARGE
     assert "larger than the limit of 4000 bytes" in str(caught.value)
+
+
+def test_a_secure_step_message_is_waited_for_with_the_bound_it_is_read_with(
+    dispatcher: DistributedDispatcher,
+) -> None:
+    # A step message (manifest) of 100 KiB is within the 1 MiB that the secure aggregation
+    # reads it with: the dispatcher takes it as there, not the site as unavailable.
+    federation = dispatcher.config.federation
+    step = SecureStep(
+        federation=federation, run_id=RUN, round=1, site=SITE, nonce="n", step="shares"
+    )
+    key = manifest_key(federation, RUN, 1, SITE, "shares")
+    manifest = UpdateManifest(
+        federation=federation,
+        run_id=RUN,
+        round=1,
+        site=SITE,
+        nonce="n",
+        num_examples=5,
+        sha256="0" * 64,
+        nbytes=10,
+        metrics={f"m{i:05d}": float(i) for i in range(4000)},
+    )
+    raw = manifest.to_json()
+    assert 64 * 1024 < len(raw) < UPDATE_MANIFEST_MAX_BYTES
+    dispatcher.store.put(key, raw)
+    assert dispatcher._step_answer(step) is True
+    dispatcher.store.put(key, b"{" + b" " * UPDATE_MANIFEST_MAX_BYTES)  # one byte too many
+    with pytest.raises(SiteUnavailable, match="larger than"):
+        dispatcher._step_answer(step)
