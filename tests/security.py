@@ -101,8 +101,10 @@ FINDINGS: tuple[Finding, ...] = (
     Finding(
         "tenant-isolation",
         "tenant is only a label: one bucket, identity, MLflow and Prefect for all tenants",
-        "open",
-        "per-tenant buckets, identities and permissions not built (issue 12, item 7)",
+        "partial",
+        "object store: one coordinator identity per tenant, granted its own federations and "
+        "ledgers only, a federation owned by one tenant; MLflow permissions and Prefect "
+        "pools per tenant not built (issue 12, item 7)",
     ),
     Finding(
         "hostile-config-input",

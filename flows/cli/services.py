@@ -160,13 +160,27 @@ def env(
         str | None,
         typer.Option(help="FEDERATION/SITE: the site's own S3 keys instead of the admin's"),
     ] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option(
+            help="TENANT/FEDERATION: the tenant coordinator's S3 keys (its own federations "
+            "and ledgers only), granted FEDERATION, instead of the admin's"
+        ),
+    ] = None,
 ) -> None:
     """Print `export` lines for clients, secrets included (eval "$(fedround env)")."""
     from fedround.flows.services.stack import export_lines, load_endpoints
 
+    if site and tenant:
+        _fail("give --site or --tenant, not both")
     try:
         endpoints = load_endpoints(state_dir.resolve())
-        if site:
+        if tenant:
+            name, _, federation = tenant.partition("/")
+            if not name or not federation:
+                _fail("--tenant must look like TENANT/FEDERATION")
+            values = endpoints.tenant_env(name, federation)
+        elif site:
             federation, _, name = site.partition("/")
             if not name:
                 _fail("--site must look like FEDERATION/SITE")

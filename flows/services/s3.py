@@ -6,7 +6,9 @@ identity, and per federation and site one identity that may only
 * read and list ``<bucket>/<federation>/global/*`` and
 * write ``<bucket>/<federation>/updates/<site>/*``
 
-(:func:`fedround.tasks.core.keys.site_read_prefix` / ``site_write_prefix``). ``weed``
+(:func:`fedround.tasks.core.keys.site_read_prefix` / ``site_write_prefix``), and per
+tenant one coordinator identity that may read, list and write its own federations'
+prefixes and ``_tenants/<tenant>/`` only (a federation belongs to one tenant). ``weed``
 re-reads that file on SIGHUP, so identities can be added to a running server.
 
 Site credentials cannot call ``GetBucketLocation`` (a bucket-wide permission), so site
@@ -20,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -33,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from fedround.flows.services.proc import GRPC_OFFSET, HOST, Launch, PortPicker, ServiceError
-from fedround.tasks.core.keys import site_read_prefix, site_write_prefix
+from fedround.tasks.core.keys import site_read_prefix, site_write_prefix, tenant_prefix
 
 REGION = "us-east-1"
+NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # a tenant or federation (config.Name)
 DEFAULT_BUCKET = "fedround"
 MLFLOW_BUCKET = "mlflow"
 # weed mini listeners besides S3; each also opens a gRPC port at port + 10000.
@@ -254,8 +258,55 @@ def site_actions(bucket: str, federation: str, site: str) -> list[str]:
     return [f"Read:{read}", f"List:{read}", f"Read:{own}", f"List:{own}", f"Write:{own}"]
 
 
+def tenant_actions(bucket: str, tenant: str, federations: Sequence[str]) -> list[str]:
+    """Read, list and write the tenant's own federations and its ledgers; nothing else:
+    not another tenant's federations or ledgers, not the MLflow bucket (MLflow's server
+    writes artifacts with its own identity), not the bucket as a whole."""
+    prefixes = [f"{bucket}/{federation}/*" for federation in sorted(federations)]
+    prefixes.append(f"{bucket}/{tenant_prefix(tenant)}*")
+    return [f"{action}:{prefix}" for prefix in prefixes for action in ("Read", "List", "Write")]
+
+
+def ensure_tenant_keys(
+    credentials: dict[str, Any], tenant: str, federation: str
+) -> tuple[S3Keys, bool]:
+    """The tenant coordinator's keys (generated if new), its grants extended to
+    ``federation``; the flag says whether anything was added.
+
+    A federation belongs to the first tenant that claims it: federation names share one
+    bucket, so a second tenant claiming it is refused rather than given its objects."""
+    for what, name in (("tenant", tenant), ("federation", federation)):
+        if not NAME.fullmatch(name):
+            raise ServiceError(
+                f"{what} {name[:100]!r} is not a name (lowercase letters, digits and '-', "
+                "at most 63 characters): it would widen an S3 grant"
+            )
+    tenants = credentials.setdefault("tenants", {})
+    for other, entry in tenants.items():
+        if other != tenant and federation in entry["federations"]:
+            raise ServiceError(
+                f"federation {federation!r} belongs to tenant {other!r}: tenant {tenant!r} "
+                "may not be given its objects; name this federation differently"
+            )
+    added = False
+    if tenant not in tenants:
+        keys = new_keys("coord-")
+        tenants[tenant] = {
+            "access_key": keys.access_key,
+            "secret_key": keys.secret_key,
+            "federations": [],
+        }
+        added = True
+    entry = tenants[tenant]
+    if federation not in entry["federations"]:
+        entry["federations"] = sorted([*entry["federations"], federation])
+        added = True
+    return S3Keys(entry["access_key"], entry["secret_key"]), added
+
+
 def identities_document(credentials: dict[str, Any], bucket: str) -> dict[str, Any]:
-    """The ``-s3.config`` document for ``weed``: admin plus one identity per site."""
+    """The ``-s3.config`` document for ``weed``: admin, one coordinator identity per tenant
+    and one identity per site."""
     admin = admin_keys(credentials)
     identities: list[dict[str, Any]] = [
         {
@@ -264,6 +315,16 @@ def identities_document(credentials: dict[str, Any], bucket: str) -> dict[str, A
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
     ]
+    for tenant, entry in sorted(credentials.get("tenants", {}).items()):
+        identities.append(
+            {
+                "name": f"coordinator.{tenant}",
+                "credentials": [
+                    {"accessKey": entry["access_key"], "secretKey": entry["secret_key"]}
+                ],
+                "actions": tenant_actions(bucket, tenant, entry["federations"]),
+            }
+        )
     for federation, sites in sorted(credentials["sites"].items()):
         for site, keys in sorted(sites.items()):
             identities.append(

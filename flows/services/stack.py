@@ -199,6 +199,17 @@ class Endpoints:
             }
         return values
 
+    def tenant_env(self, tenant: str, federation: str) -> dict[str, str]:
+        """Like :meth:`env`, but with the tenant coordinator's S3 keys (its own federations
+        and ledgers only) instead of the admin's; ``federation`` is granted to the tenant."""
+        keys = add_tenant_identity(self.state_dir, tenant, federation)
+        values = self.env()
+        values |= {
+            "FEDROUND_S3_ACCESS_KEY": keys.access_key,
+            "FEDROUND_S3_SECRET_KEY": keys.secret_key,
+        }
+        return values
+
     def site_env(self, federation: str, site: str) -> dict[str, str]:
         """Like :meth:`env`, but with the site's own S3 keys instead of the admin's."""
         access, secret = self.site_keys(federation, site)
@@ -374,6 +385,20 @@ class ServiceStack:
             site: SiteCredentials(federation, site, endpoint, bucket, REGION, site_keys)
             for site, site_keys in keys.items()
         }
+
+    def add_tenant_identity(self, tenant: str, federation: str) -> S3Keys:
+        """The tenant coordinator's keys, granted ``federation`` (created if new); a running
+        S3 server reloads them at once."""
+        bucket = self._saved().get("bucket", self.bucket)
+        with s3.locked_credentials(self.dir) as creds:
+            keys, added = s3.ensure_tenant_keys(creds, tenant, federation)
+            if added or not s3.identities_path(self.dir).exists():
+                s3.write_identities(self.dir, creds, bucket)
+        record = read_record(self.run_dir, "s3")
+        if added and record is not None and record.alive():
+            endpoint = f"{HOST}:{record.ports['s3']}"
+            s3.reload_identities(record.pid, endpoint, bucket, keys)
+        return keys
 
     # -- start helpers --------------------------------------------------------------------
 
@@ -719,6 +744,11 @@ def load_endpoints(state_dir: Path) -> Endpoints:
 def env(state_dir: Path) -> dict[str, str]:
     """The coordinator's client environment for the services under ``state_dir``."""
     return load_endpoints(state_dir).env()
+
+
+def add_tenant_identity(state_dir: Path, tenant: str, federation: str) -> S3Keys:
+    """Create (or return) the tenant coordinator's S3 identity, granted ``federation``."""
+    return ServiceStack(state_dir).add_tenant_identity(tenant, federation)
 
 
 def add_site_identities(

@@ -193,10 +193,15 @@ def audit_entry_key(federation: str, sequence: int) -> str:
 # ``_`` cannot begin a federation name, so these keys never fall under a federation's prefix.
 
 
+def tenant_prefix(tenant: str) -> str:
+    """What a tenant keeps beside its federations' prefixes (its privacy ledgers)."""
+    return f"_tenants/{tenant}/"
+
+
 def privacy_ledger_prefix(tenant: str, site: str | None = None) -> str:
     """The ledger of ``tenant`` (``site=None``) or of one of its sites."""
     scope = "tenant" if site is None else f"sites/{site}"
-    return f"_tenants/{tenant}/privacy-ledger/{scope}/"
+    return f"{tenant_prefix(tenant)}privacy-ledger/{scope}/"
 
 
 def privacy_ledger_entry_key(tenant: str, site: str | None, sequence: int) -> str:

@@ -20,6 +20,9 @@ up by ``fedround coordinator start``). Scenarios (trigger → fault → expected
 - secure aggregation runs its steps through the same site sessions, to the plain run's
   model up to its fixed-point rounding; a site killed between its shares and its masked
   update drops out and the round completes.
+
+The coordinator runs on its tenant's S3 identity (``fedround env --tenant``), granted this
+federation and the tenant's ledgers only, not the admin's: every scenario shows it suffices.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 BASE = Path(__file__).with_name("distributed.yaml")
 FEDERATION = "e2e-dist"
+TENANT = "test"  # distributed.yaml
 SITES = ["site-a", "site-b", "site-c"]
 
 
@@ -82,7 +86,9 @@ class Federation:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**cli_env(self.state_dir), **self.services.env()}
+        """The coordinator's environment: its tenant's S3 identity (this federation and the
+        tenant's ledgers only), not the admin's, so every run here shows it suffices."""
+        return {**cli_env(self.state_dir), **self.services.tenant_env(TENANT, FEDERATION)}
 
     @property
     def store(self) -> S3ObjectStore:
@@ -217,9 +223,12 @@ def baseline(federation: Federation) -> dict[str, Any]:
     return done.result
 
 
+@pytest.mark.security("tenant-isolation")
 def test_distributed_run_matches_the_embedded_run(
     baseline: dict[str, Any], federation: Federation, tmp_path: Path
 ) -> None:
+    # the coordinator ran on its tenant's S3 key (this federation, the tenant's ledgers)
+    assert federation.env["FEDROUND_S3_ACCESS_KEY"] != federation.services.admin_access_key
     assert baseline["sites"]["participating"] == SITES
     assert baseline["sites"]["excluded"] == {}
     assert baseline["final_metrics"]["accuracy"] > 0.5

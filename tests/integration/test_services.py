@@ -151,6 +151,67 @@ def test_site_credentials_reach_only_their_prefixes(s3_service: Endpoints) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.security("tenant-isolation")
+def test_tenant_coordinators_reach_only_their_own_tenants_objects(s3_service: Endpoints) -> None:
+    bucket, endpoint = s3_service.s3_bucket, s3_service.s3_endpoint
+    admin = _client(endpoint, s3_service.admin_access_key, s3_service.admin_secret_key)
+    a_checkpoint = keys.checkpoint_prefix("clinic-fed", "r1", 1) + "weights.safetensors"
+    a_ledger = keys.privacy_ledger_head_key("clinics", None)
+    b_checkpoint = keys.checkpoint_prefix("bank-fed", "r1", 1) + "weights.safetensors"
+    b_ledger = keys.privacy_ledger_head_key("banks", None)
+    b_update = keys.update_key("bank-fed", "r1", 1, "site-a")
+    for key in (b_checkpoint, b_ledger, b_update):
+        admin.put_object(bucket, key, io.BytesIO(b"b"), 1)
+
+    # Identities created now, on the running server (SIGHUP reload), through the CLI's path
+    clinics_env = s3_service.tenant_env("clinics", "clinic-fed")
+    clinics = _client(
+        endpoint, clinics_env["FEDROUND_S3_ACCESS_KEY"], clinics_env["FEDROUND_S3_SECRET_KEY"]
+    )
+    assert clinics_env["FEDROUND_S3_ACCESS_KEY"] != s3_service.admin_access_key
+    s3_service.tenant_env("banks", "bank-fed")
+
+    # Its own federation and ledger: write, read, list, delete
+    for key in (a_checkpoint, a_ledger):
+        clinics.put_object(bucket, key, io.BytesIO(b"a"), 1)
+        assert clinics.get_object(bucket, key).read() == b"a"
+    listed = [o.object_name for o in clinics.list_objects(bucket, "clinic-fed/", recursive=True)]
+    assert listed == [a_checkpoint]
+    clinics.remove_object(bucket, a_checkpoint)
+
+    # Another tenant's federation, updates and ledger: neither read, listed, written nor
+    # deleted; nor the bucket as a whole, nor the MLflow bucket
+    for key in (b_checkpoint, b_ledger, b_update):
+        assert _denied(lambda key=key: clinics.get_object(bucket, key))
+        assert _denied(lambda key=key: clinics.put_object(bucket, key, io.BytesIO(b"x"), 1))
+        assert _denied(lambda key=key: clinics.remove_object(bucket, key))
+        assert admin.get_object(bucket, key).read() == b"b"  # untouched
+    assert _denied(lambda: list(clinics.list_objects(bucket, "bank-fed/", recursive=True)))
+    assert _denied(lambda: list(clinics.list_objects(bucket, "", recursive=True)))
+    assert _denied(lambda: list(clinics.list_objects(s3_service.mlflow_bucket, "")))
+
+    # A federation belongs to the tenant that claimed it first
+    with pytest.raises(ServiceError, match="federation 'bank-fed' belongs to tenant 'banks'"):
+        s3_service.tenant_env("clinics", "bank-fed")
+    assert _denied(lambda: clinics.get_object(bucket, b_checkpoint))
+
+    # The CLI prints the same identity's environment, and refuses the other tenant's federation
+    state = ["--state-dir", str(s3_service.state_dir)]
+    printed = subprocess.run(
+        [*FEDROUND, "env", "--tenant", "clinics/clinic-fed", *state],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"export FEDROUND_S3_ACCESS_KEY={clinics_env['FEDROUND_S3_ACCESS_KEY']}" in printed
+    refused = subprocess.run(
+        [*FEDROUND, "env", "--tenant", "clinics/bank-fed", *state], capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "belongs to tenant 'banks'" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
 def test_mlflow_artifact_lands_in_s3(mlflow_service: Endpoints, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
