@@ -43,6 +43,7 @@ from fedround.tasks.core.models import build_model
 from fedround.tasks.core.preprocessing import Preprocessor
 from fedround.tasks.core.semver import SemVer, bump
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
+from fedround.tasks.tracking import grant_promoters
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -434,8 +435,14 @@ def register_candidate(
     if not registry.exists():
         from mlflow.exceptions import MlflowException
 
+        made = False
         with contextlib.suppress(MlflowException):  # created concurrently by another run
             registry.client.create_registered_model(config.model_name)
+            made = True
+        if made:  # its creator holds MANAGE on it: the one that may let promoters in
+            grant_promoters(
+                tracker.tracking_uri, config.registry.promoters, None, config.model_name
+            )
     if version_tags.get(f"{TAG}weights_sha256", sha256_hex(payload)) != sha256_hex(payload):
         log.warning("the registered weights differ from the checkpoint the run reported")
     tags = {

@@ -30,6 +30,40 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: str(value)[:6000]}
 
 
+def grant_promoters(
+    tracking_uri: str,
+    promoters: list[str],
+    experiment_id: str | None = None,
+    model_name: str | None = None,
+) -> None:
+    """Give ``promoters`` READ on the experiment and EDIT on the registered model, as the
+    identity that created them (MANAGE on what it creates, in MLflow's basic auth).
+
+    On a server whose ``default_permission`` is ``NO_PERMISSIONS`` nobody else sees a
+    tenant's experiments and models; this lets the tenant's own promoters in. Nothing to do
+    without promoters or on a local store (no server, no permissions)."""
+    if not promoters or not tracking_uri.startswith(("http://", "https://")):
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
+    grants = [("experiment", experiment_id, "READ"), ("registered_model", model_name, "EDIT")]
+    for user in promoters:
+        for kind, resource, permission in grants:
+            if resource is None:
+                continue
+            try:
+                auth.grant_user_permission(user, kind, resource, permission)
+            except MlflowException as exc:
+                raise MlflowException(
+                    f"could not grant MLflow user {user!r} (registry.promoters) {permission} "
+                    f"on {kind} {resource!r}: {exc.message}. The server needs MLflow's "
+                    "basic-auth app (fedround-auth) and the user must exist "
+                    "(deployments/mlflow/create-users.py)"
+                ) from exc
+
+
 class RunTracker:
     """Thin wrapper over ``MlflowClient`` bound to one MLflow run."""
 
@@ -57,6 +91,7 @@ class RunTracker:
         if experiment is None:
             location = (artifact_root / config.federation).as_uri() if artifact_root else None
             experiment_id = client.create_experiment(config.federation, artifact_location=location)
+            grant_promoters(tracking_uri, config.registry.promoters, experiment_id=experiment_id)
         else:
             experiment_id = experiment.experiment_id
         found = client.search_runs(

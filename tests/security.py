@@ -103,8 +103,9 @@ FINDINGS: tuple[Finding, ...] = (
         "tenant is only a label: one bucket, identity, MLflow and Prefect for all tenants",
         "partial",
         "object store: one coordinator identity per tenant, granted its own federations and "
-        "ledgers only, a federation owned by one tenant; MLflow permissions and Prefect "
-        "pools per tenant not built (issue 12, item 7)",
+        "ledgers only, a federation owned by one tenant; MLflow: one coordinator user per "
+        "tenant on NO_PERMISSIONS, its promoters granted; Prefect pools per tenant and "
+        "per-tenant production manifests not built (issue 12, item 7)",
     ),
     Finding(
         "hostile-config-input",

@@ -816,6 +816,13 @@ class LimitsConfig(_Strict):
 
 class RegistryConfig(_Strict):
     model_name: str | None = Field(None, description="defaults to '<federation>-global'")
+    promoters: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")]] = Field(
+        default_factory=list,
+        description="MLflow users who promote this federation's models: the coordinator "
+        "grants them READ on its experiment and EDIT on its registered model when it "
+        "creates them (for servers whose default_permission is NO_PERMISSIONS, one "
+        "coordinator user per tenant)",
+    )
 
 
 class RolloutConfig(_Strict):

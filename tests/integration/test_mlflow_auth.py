@@ -37,6 +37,10 @@ from fedround.flows.services.proc import (
     stop_record,
 )
 from fedround.tasks.certificates import TLSFiles, make_certificates
+from fedround.tasks.core.config import parse_federation_config
+from fedround.tasks.core.models import build_model
+from fedround.tasks.registry import register_candidate as register_global_model
+from fedround.tasks.tracking import RunTracker
 
 pytestmark = pytest.mark.security("control-plane-auth-tls")
 
@@ -59,7 +63,9 @@ class AuthServer:
 
 
 @contextmanager
-def fedround_auth_server(base: Path, tls: TLSFiles | None = None) -> Iterator[AuthServer]:
+def fedround_auth_server(
+    base: Path, tls: TLSFiles | None = None, default_permission: str = "READ"
+) -> Iterator[AuthServer]:
     """``mlflow server --app-name fedround-auth`` on sqlite under ``base``, stopped on exit
     (its whole process group). With ``tls``, uvicorn serves HTTPS with that certificate."""
     base.mkdir(parents=True, exist_ok=True)
@@ -67,7 +73,7 @@ def fedround_auth_server(base: Path, tls: TLSFiles | None = None) -> Iterator[Au
     config = base / "basic_auth.ini"
     config.write_text(
         "[mlflow]\n"
-        "default_permission = READ\n"
+        f"default_permission = {default_permission}\n"
         f"database_uri = sqlite:///{base / 'auth.db'}\n"
         f"admin_username = {ADMIN}\n"
         f"admin_password = {admin_password}\n"
@@ -358,3 +364,80 @@ def test_tls_server_trusted_through_the_deployment_ca(
             untrusted.get_registered_model("over-tls")
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(f"{server.url}/health", timeout=10)
+
+
+# --- tenants: a server whose default permission is NO_PERMISSIONS ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tenant_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
+    """One coordinator user per tenant and a promoter of tenant A; nobody sees what another
+    user made unless granted (``default_permission = NO_PERMISSIONS``)."""
+    base = tmp_path_factory.mktemp("mlflow-tenants")
+    with fedround_auth_server(base, default_permission="NO_PERMISSIONS") as running:
+        for user in ("coord-clinics", "coord-banks", PROMOTER):
+            add_user(running, user)
+        yield running
+
+
+def _tenant_run(
+    client_as: Callable[[], None], url: str, federation: str, promoters: list[str]
+) -> str:
+    """As the tenant's coordinator does: its experiment and run, then its model as candidate
+    (the real RunTracker.start and register_candidate). Returns the model's name."""
+    config = parse_federation_config(
+        f"federation: {federation}\ncontract: c.json\nsites: [{{name: a}}, {{name: b}}]\n"
+        f"registry: {{promoters: {json.dumps(promoters)}}}\n"
+    )
+    client_as()
+    tracker = RunTracker.start(url, config, "r1", tags={"fedround.federation": federation})
+    weights = build_model(config.model, seed=0).state_dict()
+    register_global_model(tracker, config, weights, {"fedround.run_id": "r1"})
+    tracker.finish()
+    return config.model_name
+
+
+def _forbidden(call: Callable[[], object]) -> bool:
+    """The server refused ``call`` with 403 (basic auth's permission check)."""
+    try:
+        call()
+    except MlflowException as exc:
+        return "403" in str(exc) or getattr(exc, "error_code", "") == "PERMISSION_DENIED"
+    return False
+
+
+@pytest.mark.security("tenant-isolation")
+def test_tenants_see_only_their_own_experiments_and_models(
+    tenant_server: AuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = tenant_server.url
+
+    def as_user(user: str) -> MlflowClient:
+        username, password = tenant_server.auth(user)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", username)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        return MlflowClient(tracking_uri=url, registry_uri=url)
+
+    clinics_model = _tenant_run(
+        lambda: as_user("coord-clinics"), url, "clinic-fed", promoters=[PROMOTER]
+    )
+    banks_model = _tenant_run(lambda: as_user("coord-banks"), url, "bank-fed", promoters=[])
+
+    # the other tenant's coordinator: not its experiment, runs or model, not by search either
+    banks = as_user("coord-banks")
+    assert _forbidden(lambda: banks.get_registered_model(clinics_model))
+    assert _forbidden(lambda: banks.set_registered_model_alias(clinics_model, "candidate", "1"))
+    clinic_experiment = as_user(ADMIN).get_experiment_by_name("clinic-fed")
+    assert clinic_experiment is not None
+    banks = as_user("coord-banks")
+    assert _forbidden(lambda: banks.get_experiment(clinic_experiment.experiment_id))
+    assert [m.name for m in banks.search_registered_models()] == [banks_model]
+
+    # the clinics' promoter, granted by their coordinator: reads the run, promotes the model
+    promoter = as_user(PROMOTER)
+    assert promoter.search_runs([clinic_experiment.experiment_id])
+    promoter.set_registered_model_alias(clinics_model, "production", "1")
+    assert aliases(tenant_server, clinics_model)["production"] == "1"
+    # …and nothing of the banks' (their config names no promoter)
+    assert _forbidden(lambda: promoter.get_registered_model(banks_model))
+    assert [m.name for m in promoter.search_registered_models()] == [clinics_model]
