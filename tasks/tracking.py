@@ -150,5 +150,8 @@ class RunTracker:
     def finish(self, status: str = "FINISHED") -> None:
         import mlflow
 
+        # mlflow.flush_async_logging() flushes the store of the global tracking URI; point
+        # it at this run's store first, or it flushes (and creates) ./mlflow.db instead.
+        mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.flush_async_logging()
         self.client.set_terminated(self.mlflow_run_id, status=status)

@@ -254,3 +254,22 @@ def test_resumed_training_run_reuses_its_mlflow_run(tracking: Path) -> None:
     assert second.mlflow_run_id == first.mlflow_run_id
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(second.mlflow_run_id).data.tags["fedround.resumed"] == "true"
+
+
+def test_finishing_a_run_flushes_its_own_store_and_writes_nothing_in_the_working_folder(
+    tracking: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No global tracking URI (a coordinator that registered nothing): finishing must flush
+    # this run's queued metrics, not MLflow's default ./mlflow.db (which it would create).
+    config = parse_federation_config(
+        "federation: finish-test\ncontract: c.json\nsites: [{name: a}, {name: b}]\n"
+    )
+    uri, tracker = _tracker(tracking, config, "run-f")
+    mlflow.set_tracking_uri(None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tracker.log_metrics({f"site.s{i}.seconds": float(i) for i in range(1500)}, step=1, wait=False)
+    tracker.finish()
+    assert not (tmp_path / "mlflow.db").exists()
+    run = MlflowClient(tracking_uri=uri).get_run(tracker.mlflow_run_id)
+    assert run.info.status == "FINISHED" and len(run.data.metrics) == 1500
