@@ -192,6 +192,11 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
             + "; ".join(f"{s} ({why})" for s, why in sorted(reasons.items()))
         )
 
+    def take(finished: PrefectFuture[SiteRoundResult]) -> tuple[str, _Training]:
+        """The site whose training ``finished``, and that training, no longer in flight."""
+        site = next(s for s, t in training.items() if t.future is finished)
+        return site, training.pop(site)
+
     def verified(site: str, job: _Training) -> tuple[UpdateManifest, Any, SiteRoundResult] | None:
         """The site's finished training as a verified update, or ``None`` with why in ``now``."""
         finished = job.future
@@ -244,8 +249,7 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
         one is audited, a valid one is reported as arriving too late to be used.
         """
         for finished in as_completed([t.future for t in training.values()]):
-            site = next(s for s, t in training.items() if t.future is finished)
-            job = training.pop(site)
+            site, job = take(finished)
             if verified(site, job) is not None:
                 now.stale[f"{site} (version {job.base})"] = (
                     f"verified, not used: it arrived after version {config.rounds}, the last, "
@@ -257,9 +261,7 @@ def run_versions(ctx: RunContext, first: int) -> Iterator[RoundSummary]:
         fill()
         if not training:
             raise stalled()
-        finished = next(as_completed([t.future for t in training.values()]))
-        site = next(s for s, t in training.items() if t.future is finished)
-        job = training.pop(site)
+        site, job = take(next(as_completed([t.future for t in training.values()])))
         update = verified(site, job)
         if update is None:
             continue

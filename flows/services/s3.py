@@ -36,10 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from fedround.flows.services.proc import GRPC_OFFSET, HOST, Launch, PortPicker, ServiceError
-from fedround.tasks.core.keys import site_read_prefix, site_write_prefix, tenant_prefix
+from fedround.tasks.core.keys import (
+    NAME_PATTERN,
+    site_read_prefix,
+    site_write_prefix,
+    tenant_prefix,
+)
 
 REGION = "us-east-1"
-NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # a tenant or federation (config.Name)
+NAME = re.compile(NAME_PATTERN)  # a tenant or federation name, as the config checks it
 DEFAULT_BUCKET = "fedround"
 MLFLOW_BUCKET = "mlflow"
 # weed mini listeners besides S3; each also opens a gRPC port at port + 10000.

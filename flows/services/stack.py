@@ -46,7 +46,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fedround.flows.environment import TELEMETRY_OFF
 from fedround.flows.services import postgres as pg
@@ -88,6 +88,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ServiceName = Literal["s3", "mlflow", "prefect"]
 PrefectDb = Literal["auto", "sqlite", "postgres"]
@@ -202,19 +203,19 @@ class Endpoints:
     def tenant_env(self, tenant: str, federation: str) -> dict[str, str]:
         """Like :meth:`env`, but with the tenant coordinator's S3 keys (its own federations
         and ledgers only) instead of the admin's; ``federation`` is granted to the tenant."""
-        keys = add_tenant_identity(self.state_dir, tenant, federation)
+        return self._env_with(add_tenant_identity(self.state_dir, tenant, federation))
+
+    def site_env(self, federation: str, site: str) -> dict[str, str]:
+        """Like :meth:`env`, but with the site's own S3 keys instead of the admin's."""
+        return self._env_with(self.site_credentials(federation, site).keys)
+
+    def _env_with(self, keys: S3Keys) -> dict[str, str]:
+        """:meth:`env` with ``keys`` in place of the admin's S3 keys."""
         values = self.env()
         values |= {
             "FEDROUND_S3_ACCESS_KEY": keys.access_key,
             "FEDROUND_S3_SECRET_KEY": keys.secret_key,
         }
-        return values
-
-    def site_env(self, federation: str, site: str) -> dict[str, str]:
-        """Like :meth:`env`, but with the site's own S3 keys instead of the admin's."""
-        access, secret = self.site_keys(federation, site)
-        values = self.env()
-        values |= {"FEDROUND_S3_ACCESS_KEY": access, "FEDROUND_S3_SECRET_KEY": secret}
         return values
 
 
@@ -371,16 +372,13 @@ class ServiceStack:
     ) -> dict[str, SiteCredentials]:
         """Keys for each site (created if new); a running S3 server reloads them at once."""
         bucket = self._saved().get("bucket", self.bucket)
-        with s3.locked_credentials(self.dir) as creds:
-            keys, added = s3.ensure_site_keys(creds, federation, sites)
-            if added or not s3.identities_path(self.dir).exists():
-                s3.write_identities(self.dir, creds, bucket)
+        keys, reloaded = self._update_identities(
+            bucket,
+            lambda creds: s3.ensure_site_keys(creds, federation, sites),
+            lambda keys: next(iter(keys.values())),
+        )
         s3_port = self._saved().get("weed_ports", {}).get("s3")
-        endpoint = f"{HOST}:{s3_port}" if s3_port else ""
-        record = read_record(self.run_dir, "s3")
-        if added and record is not None and record.alive():
-            endpoint = f"{HOST}:{record.ports['s3']}"
-            s3.reload_identities(record.pid, endpoint, bucket, next(iter(keys.values())))
+        endpoint = reloaded or (f"{HOST}:{s3_port}" if s3_port else "")
         return {
             site: SiteCredentials(federation, site, endpoint, bucket, REGION, site_keys)
             for site, site_keys in keys.items()
@@ -390,15 +388,31 @@ class ServiceStack:
         """The tenant coordinator's keys, granted ``federation`` (created if new); a running
         S3 server reloads them at once."""
         bucket = self._saved().get("bucket", self.bucket)
+        keys, _ = self._update_identities(
+            bucket, lambda creds: s3.ensure_tenant_keys(creds, tenant, federation), lambda k: k
+        )
+        return keys
+
+    def _update_identities(
+        self,
+        bucket: str,
+        ensure: Callable[[dict[str, Any]], tuple[T, bool]],
+        probe: Callable[[T], S3Keys],
+    ) -> tuple[T, str | None]:
+        """Run ``ensure`` on the credentials under their lock and rewrite the identity file
+        when it added anything (or the file is missing); a running S3 server then reloads
+        it, until ``probe(result)`` is accepted. Returns the result, and the running
+        server's endpoint when it reloaded."""
         with s3.locked_credentials(self.dir) as creds:
-            keys, added = s3.ensure_tenant_keys(creds, tenant, federation)
+            result, added = ensure(creds)
             if added or not s3.identities_path(self.dir).exists():
                 s3.write_identities(self.dir, creds, bucket)
         record = read_record(self.run_dir, "s3")
-        if added and record is not None and record.alive():
-            endpoint = f"{HOST}:{record.ports['s3']}"
-            s3.reload_identities(record.pid, endpoint, bucket, keys)
-        return keys
+        if not (added and record is not None and record.alive()):
+            return result, None
+        endpoint = f"{HOST}:{record.ports['s3']}"
+        s3.reload_identities(record.pid, endpoint, bucket, probe(result))
+        return result, endpoint
 
     # -- start helpers --------------------------------------------------------------------
 

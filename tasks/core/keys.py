@@ -23,6 +23,9 @@ from .errors import ConfigError
 
 _ROUND = re.compile(r"/round-(\d+)/")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# A federation, tenant or site name (config.Name): one path segment, so a prefix or an S3
+# grant built from it covers that name only.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 
 def check_run_id(run_id: str) -> str:

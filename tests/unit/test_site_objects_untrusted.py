@@ -95,6 +95,21 @@ def test_an_unusable_error_object_or_contract_report_is_a_reason_not_a_crash(
         dispatcher.check_contract(SITE, federation, RUN, timeout=5)
 
 
+def _manifest(federation: str, metrics: dict[str, float] | None = None) -> UpdateManifest:
+    """site-a's manifest for round 1 (nonce ``n``): 5 examples, a 10-byte update."""
+    return UpdateManifest(
+        federation=federation,
+        run_id=RUN,
+        round=1,
+        site=SITE,
+        nonce="n",
+        num_examples=5,
+        sha256="0" * 64,
+        nbytes=10,
+        metrics=metrics or {},
+    )
+
+
 def _expectation(max_bytes: int) -> UpdateExpectation:
     return UpdateExpectation("fed", RUN, 1, "n", SITE, {}, max_bytes, 100)
 
@@ -109,16 +124,7 @@ def test_oversized_updates_and_manifests_are_rejected_without_reading_them_whole
     with pytest.raises(UpdateRejected) as caught:
         read_update(store, _expectation(1000))
     assert caught.value.reason is RejectReason.MALFORMED and "larger than" in str(caught.value)
-    manifest = UpdateManifest(
-        federation="fed",
-        run_id=RUN,
-        round=1,
-        site=SITE,
-        nonce="n",
-        num_examples=5,
-        sha256="0" * 64,
-        nbytes=10,  # claims 10 bytes: what is read is bounded all the same
-    )
+    manifest = _manifest("fed")  # claims 10 bytes: what is read is bounded all the same
     store.put(keys.update_manifest_key("fed", RUN, 1, SITE), manifest.model_dump_json().encode())
     store.put(keys.update_key("fed", RUN, 1, SITE), bytes(4001))
     with pytest.raises(UpdateRejected) as caught:
@@ -137,17 +143,7 @@ def test_a_secure_step_message_is_waited_for_with_the_bound_it_is_read_with(
         federation=federation, run_id=RUN, round=1, site=SITE, nonce="n", step="shares"
     )
     key = manifest_key(federation, RUN, 1, SITE, "shares")
-    manifest = UpdateManifest(
-        federation=federation,
-        run_id=RUN,
-        round=1,
-        site=SITE,
-        nonce="n",
-        num_examples=5,
-        sha256="0" * 64,
-        nbytes=10,
-        metrics={f"m{i:05d}": float(i) for i in range(4000)},
-    )
+    manifest = _manifest(federation, metrics={f"m{i:05d}": float(i) for i in range(4000)})
     raw = manifest.to_json()
     assert 64 * 1024 < len(raw) < UPDATE_MANIFEST_MAX_BYTES
     dispatcher.store.put(key, raw)
