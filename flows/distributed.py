@@ -40,10 +40,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from fedround.flows.dispatch import SiteUnavailable
+from fedround.flows.dispatch_key import load_dispatch_key, publish_dispatch_key
+from fedround.site_workers.session import EVALUATION_ENTRYPOINT, SESSION_ENTRYPOINT
 from fedround.site_workers.site_round import EvalSpec, RoundSpec, SiteEvalResult, SiteRoundResult
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import FederationConfig
 from fedround.tasks.core.contract_report import ContractReport
+from fedround.tasks.core.dispatch_seal import seal_parameters
 from fedround.tasks.core.errors import ObjectNotFound, ObjectTooLarge
 from fedround.tasks.core.limits import (
     CONTRACT_REPORT_MAX_BYTES,
@@ -53,6 +56,7 @@ from fedround.tasks.core.limits import (
     UPDATE_MANIFEST_MAX_BYTES,
 )
 from fedround.tasks.core.manifest import UpdateManifest
+from fedround.tasks.core.signing import SigningKey
 from fedround.tasks.object_store import ObjectStore
 from fedround.tasks.secure_aggregation import SecureStep, manifest_key, step_error_key
 
@@ -102,6 +106,22 @@ class DistributedDispatcher:
     assigned: dict[str, tuple[int, str]] = field(default_factory=dict)
     # The run pointer last written, without a secure-aggregation step (steps add one).
     pointer: dict[str, Any] = field(default_factory=dict)
+    # The tenant's dispatch key: it seals every flow run sent to a site (loaded, and its
+    # public half published for the sites, at the first dispatch).
+    dispatch_key: SigningKey | None = None
+    _published: bool = field(default=False, init=False, repr=False)
+
+    def sealed(self, parameters: dict[str, Any], entrypoint: str, pool: str) -> dict[str, Any]:
+        """``parameters`` sealed for a run of ``entrypoint`` in ``pool``
+        (:mod:`fedround.tasks.core.dispatch_seal`)."""
+        if self.dispatch_key is None:
+            self.dispatch_key = load_dispatch_key(self.config.tenant)
+        if not self._published:
+            publish_dispatch_key(
+                self.store, self.config.federation, self.config.tenant, self.dispatch_key
+            )
+            self._published = True
+        return seal_parameters(parameters, self.dispatch_key, entrypoint=entrypoint, pool=pool)
 
     # --- pools and sessions -------------------------------------------------------------
 
@@ -140,14 +160,15 @@ class DistributedDispatcher:
         session.attempt = max([session.attempt, *earlier]) + 1
         self.malformed.pop(site, None)
         pool = self.config.work_pool(site)
+        parameters = {
+            "federation": self.config.federation,
+            "run_id": self.run_id,
+            "site": site,
+            "attempt": session.attempt,
+        }
         flow_run: Any = run_deployment(
             deployment_name(SESSION_DEPLOYMENT, pool),
-            parameters={
-                "federation": self.config.federation,
-                "run_id": self.run_id,
-                "site": site,
-                "attempt": session.attempt,
-            },
+            parameters=self.sealed(parameters, SESSION_ENTRYPOINT, pool),
             timeout=0,
             idempotency_key=f"{self.run_id}/{site}/{session.attempt}",
         )
@@ -368,9 +389,11 @@ class DistributedDispatcher:
         # One result per evaluation and model: <evaluation id>-<label> (candidate, production).
         _, evaluation, model_file = spec.model_key.rsplit("/", 2)
         evaluation_id = f"{evaluation}-{model_file.removesuffix('.safetensors')}"
+        pool = self.config.work_pool(spec.site)
+        parameters = {"evaluation_id": evaluation_id, "spec": spec.model_dump(mode="json")}
         run_deployment(
-            deployment_name(EVALUATION_DEPLOYMENT, self.config.work_pool(spec.site)),
-            parameters={"evaluation_id": evaluation_id, "spec": spec.model_dump(mode="json")},
+            deployment_name(EVALUATION_DEPLOYMENT, pool),
+            parameters=self.sealed(parameters, EVALUATION_ENTRYPOINT, pool),
             timeout=0,
             idempotency_key=f"{evaluation_id}/{spec.site}/{spec.model_key}",
         )

@@ -143,8 +143,11 @@ def site_session(
     poll_s: float = 0.1,
     heartbeat_s: float = 1.0,
     idle_timeout_s: float = 3600.0,
+    dispatch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Serve every round of one training run at this site (see the module docstring)."""
+    """Serve every round of one training run at this site (see the module docstring).
+    ``dispatch`` is the coordinator's seal, checked by the site's worker before the run
+    starts (:mod:`.warm_worker`)."""
     logger = get_run_logger()
     settings = site_settings_from_env()
     check_serves(settings, federation, site)
@@ -276,8 +279,11 @@ def _serve_round(
 
 
 @flow(name="fedround-site-evaluation", flow_run_name="{evaluation_id} · {spec[site]}")
-def site_evaluation(evaluation_id: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate a published model on this site's held-out data; upload the metrics only."""
+def site_evaluation(
+    evaluation_id: str, spec: dict[str, Any], dispatch: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Evaluate a published model on this site's held-out data; upload the metrics only.
+    ``dispatch``: the coordinator's seal, checked by the site's worker (:mod:`.warm_worker`)."""
     settings = site_settings_from_env()
     parsed = EvalSpec.model_validate(spec)
     result = run_site_evaluation(settings, parsed)

@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedround.tasks.control_plane import Links, require_secure_links
 from fedround.tasks.core.config import Name, format_validation_error
 from fedround.tasks.core.errors import ConfigError
+from fedround.tasks.core.signing import RegisteredKey
 from fedround.tasks.object_store import ObjectStoreSettings
 from fedround.tasks.runtime import (
     INSECURE_DEV_ENV,
@@ -61,6 +62,14 @@ class SiteSettings(BaseModel):
         "secure aggregation the site checks every other site's key advert against them "
         "(otherwise it trusts the coordinator to relay the adverts faithfully)",
     )
+    dispatch_keys: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="the public dispatch keys of the federation's coordinator (`fedround keys "
+        "dispatch`): when set, the site's worker runs only flow runs sealed with one of them; "
+        "when empty, it trusts the keys the coordinator publishes under the federation's "
+        "read-only prefix",
+    )
     threads: int = Field(1, ge=1, description="torch threads for local training")
     work_pool: str | None = Field(None, description="defaults to '<federation>-<site>'")
     prefect_api_url: str | None = Field(None, description="defaults to $PREFECT_API_URL")
@@ -69,6 +78,16 @@ class SiteSettings(BaseModel):
         description="accept placeholder or missing credentials (REPLACE_ME, changeme, "
         "minioadmin, ...) with a warning at every start: throw-away local setups only",
     )
+
+    @field_validator("dispatch_keys")
+    @classmethod
+    def _public_keys(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                RegisteredKey.from_text(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return values
 
     @property
     def pool(self) -> str:

@@ -9,10 +9,13 @@ states exactly like the process worker (it is one, with its own ``run``), but ex
 each flow run in a thread of this process, whose imports were done when the worker
 started. Sessions of several training runs (and promotion's evaluations) run side by side.
 
-It runs only the two flows a site serves: a flow run whose deployment's entrypoint is not
-fedround's site session or site evaluation is refused (marked crashed with the reason), so
-a deployment that someone else put in this site's pool cannot run code here with the
-site's data and credentials.
+It runs only the two flows a site serves, and only when its federation's coordinator sent
+them: a flow run whose deployment's entrypoint is not fedround's site session or site
+evaluation, or whose parameters carry no valid, unused coordinator seal
+(:mod:`fedround.tasks.core.dispatch_seal`), is refused (marked crashed with the reason).
+So neither a deployment that someone else put in this site's pool nor a run of the site's
+own deployments created by anyone but the coordinator runs here with the site's data and
+credentials.
 """
 
 from __future__ import annotations
@@ -36,9 +39,17 @@ from prefect.workers.process import (
     ProcessWorkerResult,
 )
 
-from fedround.tasks.core.errors import FedroundError
+from fedround.tasks.core.dispatch_seal import DispatchRefused
+from fedround.tasks.core.errors import ConfigError, FedroundError
 
-from .session import EVALUATION_ENTRYPOINT, SESSION_ENTRYPOINT, site_evaluation, site_session
+from .dispatch_check import check_dispatch, used_seals
+from .session import (
+    EVALUATION_ENTRYPOINT,
+    SESSION_ENTRYPOINT,
+    site_evaluation,
+    site_session,
+    site_settings_from_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +60,18 @@ SITE_FLOWS: dict[str, Flow[Any, Any]] = {
 
 
 class RefusedFlowRun(FedroundError):
-    """A flow run in the site's pool that is not one of fedround's site flows."""
+    """A flow run in the site's pool that is not one of fedround's site flows, or that its
+    federation's coordinator did not seal."""
+
+
+def check_seal(flow_run: FlowRun, entrypoint: str) -> None:
+    """:class:`RefusedFlowRun` unless the run carries a valid, unused coordinator seal
+    (:mod:`.dispatch_check`) for this site's pool."""
+    try:
+        settings = site_settings_from_env()
+        check_dispatch(settings, flow_run.parameters, entrypoint, used_seals(settings))
+    except (DispatchRefused, ConfigError) as exc:
+        raise RefusedFlowRun(f"flow run {flow_run.name!r} refused: {exc}") from exc
 
 
 def warm_up() -> None:
@@ -112,6 +134,8 @@ class SiteWorker(ProcessWorker):
                 f"deployment {deployment.name!r} runs {deployment.entrypoint!r}: this site's "
                 f"worker runs only {sorted(SITE_FLOWS)}"
             )
+        entrypoint = deployment.entrypoint or ""
+        await anyio.to_thread.run_sync(check_seal, flow_run, entrypoint)
         return flow
 
     async def run(

@@ -28,11 +28,12 @@ FINDINGS: tuple[Finding, ...] = (
     Finding(
         "control-plane-code",
         "a site creates or runs a deployment outside its own pool",
-        "partial",
-        "site workers run only fedround's site flows and the coordinator's worker only its "
-        "training, promotion and rollback flows; Prefect's API takes one credential for all, "
-        "so a site holding it can still trigger, cancel or delete fedround's own deployments "
-        "(no per-identity authorizing proxy)",
+        "refused",
+        "site workers run only fedround's site flows, sealed by their federation's "
+        "coordinator and unused; the coordinator's worker only its training, promotion and "
+        "rollback flows. Prefect's API still takes one credential for all: a site holding it "
+        "can read every pool's runs and cancel or delete runs (denial of service, no code "
+        "runs; no per-identity authorizing proxy)",
     ),
     Finding(
         "control-plane-auth-tls",

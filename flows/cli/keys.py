@@ -7,7 +7,9 @@
   the old key valid for an overlap window (``--overlap 24h``);
 - ``keys revoke``: end a (compromised) key now, with a reason; it is never valid again;
 - ``keys export``: every site's public keys in one file, for the sites to pin (secure
-  aggregation's adverts are then checked by the sites themselves).
+  aggregation's adverts are then checked by the sites themselves);
+- ``keys dispatch``: the coordinator's dispatch key of a tenant (it seals every flow run
+  sent to a site), to pin at the sites; ``--new-file`` makes one for a secret.
 
 Every change is audited (``fedround audit`` shows ``key-register`` and ``key-revoke``).
 
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
     from fedround.tasks.object_store import ObjectStore
 
 keys_app = typer.Typer(
-    help="The sites' update-signing keys: list, register, rotate, revoke, export.",
+    help="The sites' update-signing keys (list, register, rotate, revoke, export) and the "
+    "coordinator's dispatch key (dispatch).",
     no_args_is_help=True,
 )
 
@@ -216,7 +219,49 @@ def export(
     )
 
 
+def dispatch(
+    tenant: Annotated[str, typer.Option(help="The tenant whose coordinator's key to show.")],
+    new_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--new-file",
+            help="Write a new private dispatch key here (mode 0600) instead, for a secret "
+            "the coordinator reads through FEDROUND_DISPATCH_KEY_FILE.",
+        ),
+    ] = None,
+    federation: Annotated[
+        str | None,
+        typer.Option(help="Also list the keys published for this federation's sites."),
+    ] = None,
+) -> None:
+    """The coordinator's dispatch key for a tenant: its key id and public key, to pin at
+    the sites (``dispatch_keys`` in site.yaml). It seals every flow run sent to a site;
+    a site's worker runs nothing else. The private key is never shown."""
+    from fedround.flows.dispatch_key import load_dispatch_key, published_dispatch_keys
+    from fedround.site_workers.signing_key import write_key_file
+    from fedround.tasks.core.signing import SigningKey
+
+    try:
+        if new_file is not None:
+            if new_file.exists():
+                _fail(f"{new_file} exists: choose a new path (a key is never overwritten)")
+            key = SigningKey.generate()
+            write_key_file(new_file, key)
+            typer.echo(f"wrote a new dispatch key {key.key_id} to {new_file} (mode 0600)")
+        else:
+            key = load_dispatch_key(tenant)
+        typer.echo(f"tenant {tenant}: dispatch key {key.key_id}")
+        typer.echo(f"pin it at each site (site.yaml):\n  dispatch_keys:\n    - {key.public_key}")
+        if federation is not None:
+            published = published_dispatch_keys(_coordinator_store(), federation)
+            ids = [k.key_id for k in published.keys] if published else []
+            typer.echo(f"published for {federation}: {', '.join(ids) or 'none yet'}")
+    except FedroundError as exc:
+        _fail(str(exc))
+
+
 keys_app.command("list")(list_keys)
+keys_app.command("dispatch")(dispatch)
 keys_app.command("register")(register_command)
 keys_app.command("rotate")(rotate)
 keys_app.command("revoke")(revoke)

@@ -44,6 +44,12 @@ def site_read_prefix(federation: str) -> str:
     return f"{federation}/global/"
 
 
+def dispatch_keys_key(federation: str) -> str:
+    """The coordinator's public dispatch keys, where the sites read them (not a run id:
+    run ids never start with '_')."""
+    return f"{site_read_prefix(federation)}_dispatch-keys.json"
+
+
 def site_write_prefix(federation: str, site: str) -> str:
     return f"{federation}/updates/{site}/"
 

@@ -17,3 +17,4 @@ SITE_ERROR_MAX_BYTES = 64 * KIB  # a round's error.json
 UPDATE_MANIFEST_MAX_BYTES = 1 * MIB  # an update's manifest (digest, counts, metrics)
 CONTRACT_REPORT_MAX_BYTES = 16 * MIB  # rule results and a table's set-up summary
 EVALUATION_RESULT_MAX_BYTES = 1 * MIB  # a site's metrics of a model
+DISPATCH_KEYS_MAX_BYTES = 64 * KIB  # the coordinator's public dispatch keys, as a site reads them

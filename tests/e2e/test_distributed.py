@@ -586,6 +586,65 @@ def test_a_site_worker_refuses_code_that_is_not_a_site_flow(federation: Federati
         assert "fedround.site_workers.session:site_session" in (run.state.message or "")
 
 
+@pytest.mark.security("control-plane-code", "tenant-isolation")
+def test_a_site_worker_runs_only_what_its_coordinator_sealed_and_only_once(
+    federation: Federation,
+) -> None:
+    """Anyone holding the Prefect credential (a site, another tenant's coordinator) runs
+    site-a's own evaluation deployment: unsealed, sealed with another tenant's key, sealed
+    for site-b's pool, or replayed, the worker marks the run crashed with the reason; the
+    same run sealed by the federation's coordinator passes the check, once."""
+    from prefect.deployments import run_deployment
+
+    from fedround.flows.dispatch_key import load_dispatch_key, publish_dispatch_key
+    from fedround.flows.distributed import EVALUATION_DEPLOYMENT, deployment_name
+    from fedround.site_workers.session import EVALUATION_ENTRYPOINT
+    from fedround.site_workers.site_round import EvalSpec
+    from fedround.tasks.core.dispatch_seal import seal_parameters
+    from fedround.tasks.core.signing import SigningKey
+
+    coordinator = load_dispatch_key(TENANT, federation.state_dir)  # what its runs seal with
+    publish_dispatch_key(federation.store, FEDERATION, TENANT, coordinator)
+    pool = f"{FEDERATION}-site-a"
+    spec = EvalSpec(
+        federation=FEDERATION,
+        site="site-a",
+        model_key=f"{FEDERATION}/global/_evaluations/sealed/none.safetensors",
+        model_sha256="0" * 64,
+        model=load_federation_config(BASE).model,
+    )
+    plain = {"evaluation_id": "sealed-once", "spec": spec.model_dump(mode="json")}
+
+    def sealed(key: SigningKey, for_pool: str = pool) -> dict[str, Any]:
+        return seal_parameters(plain, key, entrypoint=EVALUATION_ENTRYPOINT, pool=for_pool)
+
+    def run(parameters: dict[str, Any]) -> tuple[str, str]:
+        flow_run: Any = run_deployment(
+            deployment_name(EVALUATION_DEPLOYMENT, pool), parameters=parameters, timeout=90
+        )
+        assert flow_run.state is not None and flow_run.state.is_final(), flow_run.state
+        return flow_run.state.type.value, flow_run.state.message or ""
+
+    good = sealed(coordinator)
+    with federation.prefect():
+        refused = {
+            "unsealed": run(plain),
+            "another tenant's key": run(sealed(SigningKey.generate())),
+            "sealed for site-b": run(sealed(coordinator, f"{FEDERATION}-site-b")),
+        }
+        first = run(good)
+        replayed = run(good)
+    expected = {
+        "unsealed": "no coordinator seal",
+        "another tenant's key": "not a dispatch key",
+        "sealed for site-b": "made for",
+    }
+    for what, (state, message) in refused.items():
+        assert state == "CRASHED" and expected[what] in message, (what, state, message)
+    assert first[0] != "CRASHED", first  # the seal passed; the evaluation itself ran
+    assert replayed[0] == "CRASHED" and "already used" in replayed[1], replayed
+
+
 def test_site_without_a_worker_is_skipped_at_once(federation: Federation) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
