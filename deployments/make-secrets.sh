@@ -25,6 +25,9 @@ put minio_root_user "fedround-root"
 put minio_root_password "$(random 40)"
 put coordinator_s3_access_key "coordinator-$(random 8)"
 put coordinator_s3_secret_key "$(random 40)"
+# The MLflow server's own S3 identity (its artifact proxy: s3://mlflow/artifacts/* only).
+put mlflow_s3_access_key "mlflow-$(random 8)"
+put mlflow_s3_secret_key "$(random 40)"
 # The control plane's credentials (deployments/README.md, "Authentication and TLS"): the
 # Prefect server's API auth string (user:password), the MLflow admin's password, the MLflow
 # server's Flask secret key and the coordinator's MLflow password. MLflow refuses passwords

@@ -102,11 +102,11 @@ FINDINGS: tuple[Finding, ...] = (
     Finding(
         "tenant-isolation",
         "tenant is only a label: one bucket, identity, MLflow and Prefect for all tenants",
-        "partial",
-        "object store: one coordinator identity per tenant, granted its own federations and "
-        "ledgers only, a federation owned by one tenant; MLflow: one coordinator user per "
-        "tenant on NO_PERMISSIONS, its promoters granted; Prefect pools per tenant and "
-        "per-tenant production manifests not built (issue 12, item 7)",
+        "refused",
+        "object store: one coordinator identity per tenant (local stack and production "
+        "policies), granted its own federations and ledgers only; MLflow: one coordinator "
+        "user per tenant on NO_PERMISSIONS; Prefect: dispatch sealed per tenant. The Prefect "
+        "server is still shared: a tenant can read or cancel another's flow runs there",
     ),
     Finding(
         "hostile-config-input",

@@ -2,16 +2,24 @@
 # Create fedround's buckets, MinIO users and policies; safe to run again. Runs in the
 # minio/mc image (compose service s3-init, k8s Job minio-init). Secrets are files in
 # $SECRETS: minio_root_user, minio_root_password, coordinator_s3_access_key,
-# coordinator_s3_secret_key and, per site S, site_S_s3_access_key / site_S_s3_secret_key.
-# Sites may read and list <bucket>/<federation>/global/* and write
-# <bucket>/<federation>/updates/<site>/* only (policies/site.json). MinIO is reached over
-# TLS (MINIO_URL https://...): mc trusts the CA certificates in <mc config dir>/certs/CAs/,
-# where the manifests mount the deployment's ca.crt.
+# coordinator_s3_secret_key (the coordinator of tenant $TENANT), mlflow_s3_access_key,
+# mlflow_s3_secret_key (the MLflow server) and, per site S, site_S_s3_access_key /
+# site_S_s3_secret_key. The tenant's coordinator may read, write and list
+# <bucket>/<federation>/* and <bucket>/_tenants/<tenant>/* only (policies/coordinator.json,
+# MinIO policy and user fedround-coordinator-<tenant>); the MLflow server
+# <mlflow bucket>/artifacts/* only (policies/mlflow.json); sites may read and list
+# <bucket>/<federation>/global/* and write <bucket>/<federation>/updates/<site>/* only
+# (policies/site.json). For a second tenant, run it again with that tenant's TENANT,
+# FEDERATION, SITES and coordinator and site secrets (the same MLflow pair): that tenant's
+# coordinator gets its own user and policy, and other tenants' users are left as they are.
+# MinIO is reached over TLS (MINIO_URL https://...): mc trusts the CA certificates in
+# <mc config dir>/certs/CAs/, where the manifests mount the deployment's ca.crt.
 set -eu
 SECRETS="${SECRETS:-/run/secrets}"
 POLICIES="${POLICIES:-/policies}"
 BUCKET="${BUCKET:-fedround}"
 MLFLOW_BUCKET="${MLFLOW_BUCKET:-mlflow}"
+TENANT="${TENANT:?set TENANT}"
 FEDERATION="${FEDERATION:?set FEDERATION}"
 SITES="${SITES:-}"
 MINIO_URL="${MINIO_URL:-https://minio:9000}"
@@ -34,9 +42,22 @@ vet() {  # secret-file
       esac ;;
   esac
 }
+# Tenant, federation and site names go into the policies' resources and conditions: only
+# names as fedround's config allows them (lowercase letters, digits, '-'; at most 63), so
+# none can widen a grant (a '*', a '/', ...).
+check_name() {  # what value
+  case "$2" in
+    "" | *[!a-z0-9-]* | -* | *-) ;;
+    *) [ "${#2}" -gt 63 ] || return 0 ;;
+  esac
+  echo "minio-init: $1 '$2' is not a name (lowercase letters, digits and '-', at most 63" \
+    "characters)" >&2
+  exit 1
+}
 render() {  # policy-file site output
   sed -e "s|@BUCKET@|$BUCKET|g" -e "s|@MLFLOW_BUCKET@|$MLFLOW_BUCKET|g" \
-      -e "s|@FEDERATION@|$FEDERATION|g" -e "s|@SITE@|$2|g" "$POLICIES/$1" > "$3"
+      -e "s|@TENANT@|$TENANT|g" -e "s|@FEDERATION@|$FEDERATION|g" -e "s|@SITE@|$2|g" \
+      "$POLICIES/$1" > "$3"
 }
 user() {  # policy-name access-key secret-key policy-file
   mc admin policy create fedround "$1" "$4"
@@ -44,7 +65,13 @@ user() {  # policy-name access-key secret-key policy-file
   mc admin policy attach fedround "$1" --user "$2" 2>/dev/null || true  # already attached
 }
 
-for name in minio_root_user minio_root_password coordinator_s3_access_key coordinator_s3_secret_key; do
+check_name TENANT "$TENANT"
+check_name FEDERATION "$FEDERATION"
+for site in $SITES; do
+  check_name site "$site"
+done
+for name in minio_root_user minio_root_password coordinator_s3_access_key \
+  coordinator_s3_secret_key mlflow_s3_access_key mlflow_s3_secret_key; do
   vet "$name"
 done
 for site in $SITES; do
@@ -69,11 +96,20 @@ mc ilm rule ls "fedround/$BUCKET" 2>/dev/null | grep -q "$FEDERATION/updates/" |
 
 work="$(mktemp -d)"
 render coordinator.json "" "$work/coordinator.json"
-user fedround-coordinator "$(secret coordinator_s3_access_key)" "$(secret coordinator_s3_secret_key)" "$work/coordinator.json"
+user "fedround-coordinator-$TENANT" "$(secret coordinator_s3_access_key)" \
+     "$(secret coordinator_s3_secret_key)" "$work/coordinator.json"
+# Deployments from before per-tenant policies attached the bucket-wide policy
+# fedround-coordinator to this user: take it off, so only the tenant's policy is left (and
+# drop it once no user holds it any more).
+mc admin policy detach fedround fedround-coordinator --user "$(secret coordinator_s3_access_key)" \
+  >/dev/null 2>&1 || true
+mc admin policy rm fedround fedround-coordinator >/dev/null 2>&1 || true
+render mlflow.json "" "$work/mlflow.json"
+user fedround-mlflow "$(secret mlflow_s3_access_key)" "$(secret mlflow_s3_secret_key)" "$work/mlflow.json"
 for site in $SITES; do
   render site.json "$site" "$work/site-$site.json"
   user "fedround-site-$FEDERATION-$site" "$(secret "site_${site}_s3_access_key")" \
        "$(secret "site_${site}_s3_secret_key")" "$work/site-$site.json"
 done
 rm -rf "$work"
-echo "minio-init: buckets $BUCKET (versioned, old versions under $FEDERATION/updates/ expire after a day) and $MLFLOW_BUCKET, coordinator and ${SITES:-no} site users ready"
+echo "minio-init: buckets $BUCKET (versioned, old versions under $FEDERATION/updates/ expire after a day) and $MLFLOW_BUCKET, users of tenant $TENANT's coordinator, MLflow and ${SITES:-no} sites ready"

@@ -603,8 +603,98 @@ def test_k8s_minio_init_matches_the_canonical_scripts(k8s: list[dict[str, Any]])
         d for d in k8s if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "minio-init"
     )
     assert config["data"]["init.sh"] == (DEPLOY / "minio" / "init.sh").read_text()
-    for policy in ("coordinator.json", "site.json"):
+    policies = {p.name for p in (DEPLOY / "minio" / "policies").glob("*.json")}
+    assert policies == {"coordinator.json", "mlflow.json", "site.json"}
+    assert set(config["data"]) == {"init.sh", *policies}
+    for policy in sorted(policies):
         assert config["data"][policy] == (DEPLOY / "minio" / "policies" / policy).read_text()
+
+
+S3_SECRETS = {
+    "coordinator": ("coordinator_s3_access_key", "coordinator_s3_secret_key"),
+    "mlflow": ("mlflow_s3_access_key", "mlflow_s3_secret_key"),
+}
+
+
+@pytest.mark.security("tenant-isolation")
+def test_the_s3_init_step_scopes_the_example_federations_tenant(
+    compose: dict[str, Any], k8s: list[dict[str, Any]]
+) -> None:
+    """s3-init / minio-init create the coordinator's identity for the tenant and the
+    federation the coordinator runs (deployments/examples/mnist-demo.yaml), so its policy
+    (<federation>/* and _tenants/<tenant>/*) covers what that coordinator uses."""
+    services = compose["services"]
+    command = _command(services["coordinator-worker"])
+    config = load_federation_config(ROOT / command[-1])
+    job = next(d for d in k8s if d["kind"] == "Job" and d["metadata"]["name"] == "minio-init")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    worker = _templates(k8s)["coordinator-worker"]["spec"]["containers"][0]
+    assert (ROOT / _command(worker)[-1]).resolve() == (ROOT / command[-1]).resolve()
+    for where, env in (
+        ("compose s3-init", services["s3-init"]["environment"]),
+        ("k8s minio-init", _k8s_env(container)),
+    ):
+        assert env["TENANT"] == config.tenant, where
+        assert env["FEDERATION"] == config.federation, where
+    script = (DEPLOY / "minio" / "init.sh").read_text()
+    assert 'TENANT="${TENANT:?set TENANT}"' in script
+    assert '-e "s|@TENANT@|$TENANT|g"' in script
+    assert 'user "fedround-coordinator-$TENANT"' in script
+
+
+@pytest.mark.security("site-credential-scope")
+def test_the_mlflow_server_has_its_own_s3_identity(
+    compose: dict[str, Any], k8s: list[dict[str, Any]]
+) -> None:
+    """The MLflow server's artifact proxy uses its own S3 key pair (policy mlflow.json:
+    mlflow/artifacts/* only), never the coordinator's; each pair is held by its one user and
+    by the init step that creates it."""
+    services = compose["services"]
+    mlflow, coordinator = services["mlflow"], services["coordinator-worker"]
+    assert _compose_secret_of(mlflow, "AWS_ACCESS_KEY_ID") == S3_SECRETS["mlflow"][0]
+    assert _compose_secret_of(mlflow, "AWS_SECRET_ACCESS_KEY") == S3_SECRETS["mlflow"][1]
+    assert _compose_secret_of(coordinator, "FEDROUND_S3_ACCESS_KEY") == S3_SECRETS["coordinator"][0]
+    assert _compose_secret_of(coordinator, "FEDROUND_S3_SECRET_KEY") == S3_SECRETS["coordinator"][1]
+    for who, pair in S3_SECRETS.items():
+        for secret in pair:
+            assert compose["secrets"][secret]["file"] == f"./secrets/{secret}"
+            holders = {n for n, s in services.items() if secret in s.get("secrets", [])}
+            assert holders == {"s3-init", "mlflow" if who == "mlflow" else "coordinator-worker"}
+    destination = _option(_command(mlflow), "--artifacts-destination")
+    assert destination == "s3://mlflow/artifacts"
+
+    templates = _templates(k8s)
+    server = templates["mlflow"]["spec"]["containers"][0]
+    assert _k8s_secret_ref(server, "AWS_ACCESS_KEY_ID") == ("mlflow-s3", S3_SECRETS["mlflow"][0])
+    assert _k8s_secret_ref(server, "AWS_SECRET_ACCESS_KEY") == (
+        "mlflow-s3",
+        S3_SECRETS["mlflow"][1],
+    )
+    assert _option(_command(server), "--artifacts-destination") == destination
+    worker = templates["coordinator-worker"]["spec"]["containers"][0]
+    assert _k8s_secret_ref(worker, "FEDROUND_S3_ACCESS_KEY") == (
+        "coordinator-s3",
+        S3_SECRETS["coordinator"][0],
+    )
+    secrets = {d["metadata"]["name"]: d for d in k8s if d["kind"] == "Secret"}
+    assert set(secrets["mlflow-s3"]["stringData"]) == set(S3_SECRETS["mlflow"])
+    for name, holder in (("mlflow-s3", "mlflow"), ("coordinator-s3", "coordinator-worker")):
+        users = {
+            workload
+            for workload, _, c in _k8s_containers(k8s)
+            if any(
+                e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == name
+                for e in c.get("env", [])
+            )
+        }
+        assert users == {holder}, name
+    job = next(d for d in k8s if d["kind"] == "Job" and d["metadata"]["name"] == "minio-init")
+    projected = next(
+        v["projected"]["sources"]
+        for v in job["spec"]["template"]["spec"]["volumes"]
+        if "projected" in v
+    )
+    assert {"mlflow-s3", "coordinator-s3"} <= {source["secret"]["name"] for source in projected}
 
 
 # --- authentication and TLS -------------------------------------------------------------
@@ -691,7 +781,7 @@ def test_mlflow_runs_fedround_auth_over_tls(
         "fedround.mlflow_plugins.auth_app:create_app"
     )
     canonical = _ini(AUTH_INI.read_text())
-    assert canonical["default_permission"] == "READ"
+    assert canonical["default_permission"] == "NO_PERMISSIONS"  # tenants see only their own
     assert canonical["authorization_function"].endswith(":authenticate_request_basic_auth")
     assert "admin_password" not in canonical  # from the secret, never in the file
     auth_db = canonical["database_uri"].removeprefix("sqlite:///")

@@ -781,6 +781,8 @@ def test_the_entrypoint_starts_on_make_secrets_output(generated_secrets: Path) -
         "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": "mlflow_admin_password",
         "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE": "mlflow_flask_secret_key",
         "MLFLOW_TRACKING_PASSWORD_FILE": "mlflow_coordinator_password",
+        "AWS_ACCESS_KEY_ID_FILE": "mlflow_s3_access_key",
+        "AWS_SECRET_ACCESS_KEY_FILE": "mlflow_s3_secret_key",
     }
     done = _entrypoint(
         {name: str(generated_secrets / file) for name, file in variables.items()},
@@ -808,6 +810,22 @@ def test_make_secrets_control_plane_credentials_fit_their_servers(generated_secr
     assert len({password, *values}) == 4
 
 
+def test_make_secrets_gives_mlflow_and_the_coordinator_different_s3_keys(
+    generated_secrets: Path,
+) -> None:
+    """The MLflow server's S3 identity is its own (policy mlflow.json), not the coordinator's."""
+    pairs = [
+        (
+            _secret(generated_secrets, f"{who}_s3_access_key"),
+            _secret(generated_secrets, f"{who}_s3_secret_key"),
+        )
+        for who in ("coordinator", "mlflow", "site_site-01")
+    ]
+    assert len({access for access, _ in pairs}) == len({secret for _, secret in pairs}) == 3
+    assert _secret(generated_secrets, "mlflow_s3_access_key").startswith("mlflow-")
+    assert len(_secret(generated_secrets, "mlflow_s3_secret_key")) >= 32
+
+
 @needs_sh
 def test_minio_init_refuses_placeholder_secrets_before_touching_minio(
     tmp_path: Path, generated_secrets: Path
@@ -823,6 +841,7 @@ def test_minio_init_refuses_placeholder_secrets_before_touching_minio(
         "PATH": f"{fake.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         "SECRETS": str(secrets),
         "POLICIES": str(DEPLOY / "minio" / "policies"),
+        "TENANT": "demo",
         "FEDERATION": "mnist-demo",
         "SITES": "site-01",
     }
@@ -842,12 +861,70 @@ def test_minio_init_refuses_placeholder_secrets_before_touching_minio(
     assert "secret minio_root_password is empty or a placeholder" in refused.stderr
     assert not calls.exists()  # MinIO was never called
     (secrets / "minio_root_password").write_text(_secret(generated_secrets, "minio_root_password"))
+    (secrets / "mlflow_s3_secret_key").write_text("changeme")
+    refused = init()
+    assert refused.returncode == 1
+    assert "secret mlflow_s3_secret_key is empty or a placeholder" in refused.stderr
+    assert not calls.exists()
+    (secrets / "mlflow_s3_secret_key").write_text(
+        _secret(generated_secrets, "mlflow_s3_secret_key")
+    )
     done = init()
     assert done.returncode == 0, done.stderr
-    assert "user add fedround" in calls.read_text()
+    made = calls.read_text()
+    assert "user add fedround" in made
+    # The tenant's coordinator, the MLflow server and the site: each its own user and policy.
+    for policy, key in (
+        ("fedround-coordinator-demo", "coordinator_s3_access_key"),
+        ("fedround-mlflow", "mlflow_s3_access_key"),
+        ("fedround-site-mnist-demo-site-01", "site_site-01_s3_access_key"),
+    ):
+        assert f"admin policy create fedround {policy} " in made, policy
+        access = _secret(generated_secrets, key)
+        assert f"admin policy attach fedround {policy} --user {access}" in made, policy
+    # The bucket-wide policy of deployments from before per-tenant policies is taken off.
+    coordinator = _secret(generated_secrets, "coordinator_s3_access_key")
+    assert f"admin policy detach fedround fedround-coordinator --user {coordinator}" in made
     # old versions of what sites write (heartbeats every second) expire after a day
     rule = "ilm rule add --prefix mnist-demo/updates/ --noncurrent-expire-days 1 fedround/fedround"
     assert rule in calls.read_text()
+
+
+@needs_sh
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TENANT", ""),
+        ("TENANT", "a*"),
+        ("TENANT", "demo/x"),
+        ("FEDERATION", "Fed"),
+        ("SITES", "s-"),
+    ],
+)
+def test_minio_init_refuses_a_name_that_would_widen_a_policy(
+    tmp_path: Path, generated_secrets: Path, variable: str, value: str
+) -> None:
+    """Tenant, federation and site names go into the policies' resources and conditions:
+    init.sh stops, before touching MinIO, on one fedround's config would refuse."""
+    calls = tmp_path / "mc-calls"
+    fake = tmp_path / "bin" / "mc"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {
+        "PATH": f"{fake.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "SECRETS": str(generated_secrets),
+        "POLICIES": str(DEPLOY / "minio" / "policies"),
+        "TENANT": "demo",
+        "FEDERATION": "mnist-demo",
+        "SITES": "site-01",
+    } | {variable: value}
+    done = subprocess.run(
+        ["sh", str(DEPLOY / "minio" / "init.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "set TENANT" in done.stderr if value == "" else "is not a name" in done.stderr
+    assert not calls.exists()
 
 
 def test_generated_secret_keys_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
