@@ -14,9 +14,7 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from fedround.tasks.core.config import DataConfig
 from fedround.tasks.core.contract_report import MISSING_COLUMN, ContractReport, RuleResult
@@ -25,6 +23,9 @@ from fedround.tasks.core.preprocessing import MAX_LABEL_CLASSES, label_key, summ
 from fedround.tasks.core.usercode import UserCodeError
 
 from .data import DataError, contract_frame
+
+if TYPE_CHECKING:  # pandas is imported where frames are read, not by every site process
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld, rdp
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:  # imported where ε is computed: a run without DP never loads it (or scipy)
+    import dp_accounting
 
 Accountant = Literal["pld", "rdp"]
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
@@ -104,6 +105,8 @@ class PrivacySpend:
 def dp_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp_accounting.DpEvent:
     """The ``dp_accounting`` event of ``steps`` rounds, each Poisson-sampling participants
     with probability ``sampling_rate`` and adding Gaussian noise of ``noise_multiplier``."""
+    import dp_accounting
+
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(
             sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
@@ -224,6 +227,8 @@ def calibrate(
                     f"{target:g} cannot be reached: even σ={high_end:g} gives "
                     f"ε={spent_here:.4g} ({setting()}). {_floor_reason(accountant)}",
                 )
+    import dp_accounting
+
     return float(
         dp_accounting.calibrate_dp_mechanism(
             lambda: _accountant(accountant),
@@ -245,6 +250,8 @@ def _epsilon(sigma: float, q: float, steps: int, delta: float, accountant: Accou
 
 
 def _accountant(name: Accountant) -> dp_accounting.PrivacyAccountant:
+    from dp_accounting import pld, rdp
+
     if name == "pld":
         return pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
     return rdp.RdpAccountant()

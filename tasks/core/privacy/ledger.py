@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-import dp_accounting
 import numpy as np
 
 from ..errors import FedroundError
@@ -228,6 +227,8 @@ def spent_epsilon(
 def _composed_epsilon(
     steps: tuple[tuple[tuple[float, float], int], ...], delta: float, accountant: Accountant
 ) -> float:
+    import dp_accounting  # here, not at import: a run without DP never loads it
+
     events = [
         dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count
