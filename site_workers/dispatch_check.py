@@ -11,6 +11,7 @@ worker restart too.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -36,6 +37,8 @@ from fedround.tasks.object_store import ObjectStore, open_store
 from .settings import SiteSettings
 
 SEEN_FILE = "dispatch-seals-used.json"
+
+log = logging.getLogger(__name__)
 
 
 def trusted_dispatch_keys(settings: SiteSettings, store: ObjectStore) -> list[RegisteredKey]:
@@ -63,11 +66,17 @@ def trusted_dispatch_keys(settings: SiteSettings, store: ObjectStore) -> list[Re
 
 
 class UsedSeals:
-    """Seal ids this site has run, with when they expire, in a file of its state folder."""
+    """Seal ids this site has run, with when they expire, in a file of its state folder.
+
+    If that folder cannot be written (a read-only mount), the ids are remembered by this
+    worker process only, with a warning: a replay is still refused until the worker
+    restarts, and after that by the seal's window."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._memory: dict[str, str] = {}
+        self._warned = False
 
     def _read(self) -> dict[str, str]:
         try:
@@ -80,17 +89,28 @@ class UsedSeals:
         """Record ``seal`` as used; :class:`DispatchRefused` if it was used before."""
         now = now or datetime.now(UTC)
         with self._lock:
-            used = self._read()
+            used = {**self._read(), **self._memory}
             if seal.id in used:
                 raise DispatchRefused(
                     f"its seal {seal.id[:12]}… was already used: a replayed dispatch is refused"
                 )
             live = {k: v for k, v in used.items() if not _expired(v, now)}
             live[seal.id] = seal.expires_at.astimezone(UTC).isoformat()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(live))
-            os.replace(tmp, self.path)
+            self._memory = live
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps(live))
+                os.replace(tmp, self.path)
+            except OSError as exc:
+                if not self._warned:
+                    log.warning(
+                        "cannot record used dispatch seals in %s (%s): remembered by this "
+                        "worker only; give the site a writable state_dir",
+                        self.path,
+                        exc.strerror or exc,
+                    )
+                    self._warned = True
 
 
 def _expired(text: str, now: datetime) -> bool:
@@ -116,5 +136,12 @@ def check_dispatch(
     return seal
 
 
+_USED: dict[Path, UsedSeals] = {}
+_USED_LOCK = threading.Lock()
+
+
 def used_seals(settings: SiteSettings) -> UsedSeals:
-    return UsedSeals(settings.site_state_dir / SEEN_FILE)
+    """The site's record of used seals: one per state folder in this worker process."""
+    path = settings.site_state_dir / SEEN_FILE
+    with _USED_LOCK:
+        return _USED.setdefault(path, UsedSeals(path))

@@ -321,7 +321,12 @@ def test_compose_sites_reach_only_prefect_and_minio(compose: dict[str, Any]) -> 
     site = services["site-01-worker"]
     assert site["networks"] == ["sites"]
     assert site["command"] == ["fedround", "site", "start", "--config", "/site/site.yaml"]
-    assert all(mount.endswith(":ro") for mount in site["volumes"])
+    # Settings, data and the CA read-only; only its own state volume (used dispatch seals,
+    # strategy state) is writable, and site.yaml points its state_dir there.
+    writable = [mount for mount in site["volumes"] if not mount.endswith(":ro")]
+    assert writable == ["site-01-state:/site/state"]
+    settings = yaml.safe_load((DEPLOY / "sites" / "site-01" / "site.yaml").read_text())
+    assert settings["state_dir"] == "/site/state"
     # Its own S3 keys and the Prefect auth string (Prefect OSS has one credential), nothing
     # of the coordinator's or MLflow's.
     assert set(site["secrets"]) == {

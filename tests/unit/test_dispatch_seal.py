@@ -214,3 +214,21 @@ def test_keys_dispatch_shows_the_public_key_to_pin_and_never_the_private_one(
         app, ["keys", "dispatch", "--tenant", "clinics", "--new-file", str(tmp_path / "k")]
     )
     assert again.exit_code == 1 and "exists" in again.output
+
+
+def test_an_unwritable_state_folder_still_refuses_a_replay_in_this_worker(tmp_path: Path) -> None:
+    """Site templates may mount the data (and so the default state folder) read-only:
+    the seal is then remembered by the worker process, with a warning, and the run goes on.
+    (A regular file in place of the folder makes writing fail even for root.)"""
+    key = SigningKey.generate()
+    blocker = tmp_path / "state"
+    blocker.write_text("not a folder")
+    used = UsedSeals(blocker / "used.json")
+    seal = verify(sealed(key), key)
+    used.claim(seal, NOW)
+    with pytest.raises(DispatchRefused, match="already used"):
+        used.claim(seal, NOW)
+    from fedround.site_workers.dispatch_check import used_seals
+
+    site = _site(tmp_path, state_dir=tmp_path / "elsewhere")
+    assert used_seals(site) is used_seals(site)  # one record per state folder per process
