@@ -19,14 +19,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from fedround.site_workers.signing_key import read_key_file, write_key_file
 from fedround.tasks.core import keys
 from fedround.tasks.core.dispatch_seal import DispatchKeys
 from fedround.tasks.core.errors import ConfigError, ObjectNotFound, ObjectTooLarge
-from fedround.tasks.core.limits import DISPATCH_KEYS_MAX_BYTES
 from fedround.tasks.core.signing import SigningKey
+from fedround.tasks.dispatch_keys import read_dispatch_keys
 from fedround.tasks.object_store import ObjectStore
 from fedround.tasks.runtime import state_dir_from_env
 
@@ -72,12 +70,12 @@ def load_dispatch_key(
 
 def published_dispatch_keys(store: ObjectStore, federation: str) -> DispatchKeys | None:
     """The keys published for ``federation``; None when there are none or they are unusable."""
-    key = keys.dispatch_keys_key(federation)
     try:
-        return DispatchKeys.from_json(store.get(key, max_bytes=DISPATCH_KEYS_MAX_BYTES))
+        return read_dispatch_keys(store, federation)
     except ObjectNotFound:
         return None
-    except (ObjectTooLarge, ValidationError, ValueError) as exc:
+    except (ObjectTooLarge, ValueError) as exc:
+        key = keys.dispatch_keys_key(federation)
         log.warning("the published dispatch keys %s are unusable (%s): rewriting them", key, exc)
         return None
 

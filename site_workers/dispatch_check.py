@@ -19,19 +19,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from fedround.tasks.core import keys
 from fedround.tasks.core.dispatch_seal import (
     CLOCK_SKEW,
-    DispatchKeys,
     DispatchRefused,
     DispatchSeal,
     verify_seal,
 )
 from fedround.tasks.core.errors import ObjectNotFound, ObjectTooLarge
-from fedround.tasks.core.limits import DISPATCH_KEYS_MAX_BYTES
 from fedround.tasks.core.signing import RegisteredKey
+from fedround.tasks.dispatch_keys import read_dispatch_keys
 from fedround.tasks.object_store import ObjectStore, open_store
 
 from .settings import SiteSettings
@@ -47,14 +44,14 @@ def trusted_dispatch_keys(settings: SiteSettings, store: ObjectStore) -> list[Re
         return [RegisteredKey.from_text(text) for text in settings.dispatch_keys]
     key = keys.dispatch_keys_key(settings.federation)
     try:
-        published = DispatchKeys.from_json(store.get(key, max_bytes=DISPATCH_KEYS_MAX_BYTES))
+        published = read_dispatch_keys(store, settings.federation)
     except ObjectNotFound:
         raise DispatchRefused(
             f"the coordinator has published no dispatch keys ({key}) and the site pins none "
             "(dispatch_keys in its settings): it cannot tell the coordinator's work from "
             "anyone else's"
         ) from None
-    except (ObjectTooLarge, ValidationError, ValueError) as exc:
+    except (ObjectTooLarge, ValueError) as exc:
         raise DispatchRefused(
             f"the coordinator's published dispatch keys ({key}) are unusable: {str(exc)[:200]}"
         ) from None

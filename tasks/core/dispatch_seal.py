@@ -173,15 +173,7 @@ def verify_seal(
         raise DispatchRefused("its seal's signature is not base64") from None
     if len(signature) != SIGNATURE_BYTES:
         raise DispatchRefused(f"its seal's signature is {len(signature)} bytes, not 64")
-    body = sealed_bytes(
-        parameters,
-        entrypoint=seal.entrypoint,
-        pool=seal.pool,
-        id=seal.id,
-        key_id=seal.key_id,
-        issued_at=seal.issued_at,
-        expires_at=seal.expires_at,
-    )
+    body = sealed_bytes(parameters, **seal.model_dump(exclude={"signature"}))
     try:
         Ed25519PublicKey.from_public_bytes(_unb64(trusted[0].public_key)).verify(signature, body)
     except InvalidSignature:

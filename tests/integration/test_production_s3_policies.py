@@ -261,6 +261,33 @@ def _refused(stack: Stack, who: str, request: Request) -> None:
     request(stack.client("admin"))
 
 
+PART = 5 * 1024 * 1024
+
+
+def _put_in_parts(client: Minio, bucket: str, key: str, data: bytes) -> None:
+    client.put_object(bucket, key, io.BytesIO(data), len(data), part_size=PART)
+
+
+def _uploads_in_parts(stack: Stack, who: str, bucket: str, own: str, theirs: str) -> None:
+    """A multipart upload (CreateMultipartUpload, UploadPart, Complete) of ``who`` is
+    allowed at ``own`` (s3:PutObject) and refused at ``theirs``."""
+    data = who.encode()[:1] * (6 * 1024 * 1024)
+    _put_in_parts(stack.client(who), bucket, own, data)
+    assert stack.client("admin").stat_object(bucket, own).size == len(data)
+    _refused(stack, who, lambda c: _put_in_parts(c, bucket, theirs, data))
+
+
+def _left_alone(stack: Stack, who: str, bucket: str, key: str) -> None:
+    """``who``'s refused overwrite and delete of an admin's object leave it as it was."""
+    admin, client = stack.client("admin"), stack.client(who)
+    _put(admin, bucket, key, b"original")
+    with pytest.raises(S3Error, match="AccessDenied"):
+        _put(client, bucket, key, b"forged")
+    with pytest.raises(S3Error, match="AccessDenied"):
+        client.remove_object(bucket, key)
+    assert _get(admin, bucket, key) == b"original"
+
+
 # --- a site -------------------------------------------------------------------------------
 
 
@@ -289,22 +316,10 @@ def test_a_site_writes_reads_and_lists_its_own_updates(stack: Stack, site: str) 
 
 
 def test_a_site_uploads_a_large_update_in_parts(stack: Stack) -> None:
-    """A multipart upload (CreateMultipartUpload, UploadPart, Complete) under its own prefix
-    is allowed by s3:PutObject; under another site's prefix it is refused."""
-    data = b"w" * (6 * 1024 * 1024)
+    """Under its own prefix, not under another site's."""
     own = keys.update_key(FEDERATION, RUN, 3, "site-a")
-    stack.client("site-a").put_object(
-        BUCKET, own, io.BytesIO(data), len(data), part_size=5 * 1024 * 1024
-    )
-    assert stack.client("admin").stat_object(BUCKET, own).size == len(data)
     theirs = keys.update_key(FEDERATION, RUN, 3, "site-b")
-    _refused(
-        stack,
-        "site-a",
-        lambda c: c.put_object(
-            BUCKET, theirs, io.BytesIO(data), len(data), part_size=5 * 1024 * 1024
-        ),
-    )
+    _uploads_in_parts(stack, "site-a", BUCKET, own, theirs)
 
 
 SITE_A_REFUSED: dict[str, Request] = {
@@ -347,19 +362,13 @@ def test_a_site_is_refused_beyond_its_prefixes(stack: Stack, request_: Request) 
 
 
 def test_a_refused_write_or_delete_leaves_the_object_alone(stack: Stack) -> None:
-    admin = stack.client("admin")
     for who, bucket, key in (
         ("site-a", BUCKET, keys.update_manifest_key(FEDERATION, RUN, 4, "site-b")),
         ("site-a", BUCKET, keys.global_manifest_key(FEDERATION, RUN, 4)),
         ("site-a", MLFLOW_BUCKET, "site-a/kept"),
         ("coordinator", OTHER_BUCKET, "coordinator/kept"),
     ):
-        _put(admin, bucket, key, b"original")
-        with pytest.raises(S3Error, match="AccessDenied"):
-            _put(stack.client(who), bucket, key, b"forged")
-        with pytest.raises(S3Error, match="AccessDenied"):
-            stack.client(who).remove_object(bucket, key)
-        assert _get(admin, bucket, key) == b"original"
+        _left_alone(stack, who, bucket, key)
 
 
 def test_the_prefix_condition_is_what_refuses_other_listings(stack: Stack) -> None:
@@ -459,19 +468,9 @@ def test_fedrounds_own_store_works_with_the_coordinators_identity(stack: Stack) 
 
 @pytest.mark.security("tenant-isolation")
 def test_the_coordinator_uploads_a_large_checkpoint_in_parts(stack: Stack) -> None:
-    data = b"c" * (6 * 1024 * 1024)
     own = keys.checkpoint_prefix(FEDERATION, RUN, 7) + "weights.safetensors"
-    client = stack.client("coordinator")
-    client.put_object(BUCKET, own, io.BytesIO(data), len(data), part_size=5 * 1024 * 1024)
-    assert stack.client("admin").stat_object(BUCKET, own).size == len(data)
     theirs = keys.checkpoint_prefix(OTHER_FEDERATION, RUN, 7) + "weights.safetensors"
-    _refused(
-        stack,
-        "coordinator",
-        lambda c: c.put_object(
-            BUCKET, theirs, io.BytesIO(data), len(data), part_size=5 * 1024 * 1024
-        ),
-    )
+    _uploads_in_parts(stack, "coordinator", BUCKET, own, theirs)
 
 
 COORDINATOR_REFUSED: dict[str, Request] = {
@@ -526,18 +525,12 @@ def test_the_coordinator_is_refused_beyond_its_tenants_prefixes(
 
 @pytest.mark.security("tenant-isolation")
 def test_a_refused_coordinator_leaves_other_tenants_objects_alone(stack: Stack) -> None:
-    admin, client = stack.client("admin"), stack.client("coordinator")
     for bucket, key in (
         (BUCKET, keys.global_manifest_key(OTHER_FEDERATION, RUN, 5)),
         (BUCKET, keys.privacy_ledger_head_key(OTHER_TENANT, None)),
         (MLFLOW_BUCKET, "artifacts/1/kept/artifacts/model.pkl"),
     ):
-        _put(admin, bucket, key, b"original")
-        with pytest.raises(S3Error, match="AccessDenied"):
-            _put(client, bucket, key, b"forged")
-        with pytest.raises(S3Error, match="AccessDenied"):
-            client.remove_object(bucket, key)
-        assert _get(admin, bucket, key) == b"original"
+        _left_alone(stack, "coordinator", bucket, key)
 
 
 # --- the MLflow server --------------------------------------------------------------------
@@ -586,19 +579,8 @@ def test_mlflow_logs_lists_downloads_and_deletes_artifacts(
 
 
 def test_mlflow_uploads_a_large_artifact_in_parts(stack: Stack) -> None:
-    data = b"m" * (6 * 1024 * 1024)
-    key = f"artifacts/7/{uuid.uuid4().hex}/artifacts/big.bin"
-    stack.client("mlflow").put_object(
-        MLFLOW_BUCKET, key, io.BytesIO(data), len(data), part_size=5 * 1024 * 1024
-    )
-    assert stack.client("admin").stat_object(MLFLOW_BUCKET, key).size == len(data)
-    _refused(
-        stack,
-        "mlflow",
-        lambda c: c.put_object(
-            MLFLOW_BUCKET, "outside/big.bin", io.BytesIO(data), len(data), part_size=5 * 1024 * 1024
-        ),
-    )
+    own = f"artifacts/7/{uuid.uuid4().hex}/artifacts/big.bin"
+    _uploads_in_parts(stack, "mlflow", MLFLOW_BUCKET, own, "outside/big.bin")
 
 
 MLFLOW_REFUSED: dict[str, Request] = {
@@ -634,14 +616,8 @@ def test_mlflow_is_refused_beyond_its_artifacts(stack: Stack, request_: Request)
 
 
 def test_a_refused_mlflow_server_leaves_fedrounds_objects_alone(stack: Stack) -> None:
-    admin, client = stack.client("admin"), stack.client("mlflow")
     for bucket, key in (
         (BUCKET, keys.global_manifest_key(FEDERATION, RUN, 6)),
         (MLFLOW_BUCKET, "registry/kept"),
     ):
-        _put(admin, bucket, key, b"original")
-        with pytest.raises(S3Error, match="AccessDenied"):
-            _put(client, bucket, key, b"forged")
-        with pytest.raises(S3Error, match="AccessDenied"):
-            client.remove_object(bucket, key)
-        assert _get(admin, bucket, key) == b"original"
+        _left_alone(stack, "mlflow", bucket, key)

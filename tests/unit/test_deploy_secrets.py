@@ -826,12 +826,9 @@ def test_make_secrets_gives_mlflow_and_the_coordinator_different_s3_keys(
     assert len(_secret(generated_secrets, "mlflow_s3_secret_key")) >= 32
 
 
-@needs_sh
-def test_minio_init_refuses_placeholder_secrets_before_touching_minio(
-    tmp_path: Path, generated_secrets: Path
-) -> None:
-    secrets = tmp_path / "secrets"
-    shutil.copytree(generated_secrets, secrets)
+def _init_with_fake_mc(tmp_path: Path, secrets: Path) -> tuple[Path, dict[str, str]]:
+    """An environment for init.sh whose ``mc`` only appends its arguments to a file
+    (returned first): what init.sh would do to MinIO, for the demo's tenant and site."""
     calls = tmp_path / "mc-calls"
     fake = tmp_path / "bin" / "mc"
     fake.parent.mkdir()
@@ -845,6 +842,16 @@ def test_minio_init_refuses_placeholder_secrets_before_touching_minio(
         "FEDERATION": "mnist-demo",
         "SITES": "site-01",
     }
+    return calls, env
+
+
+@needs_sh
+def test_minio_init_refuses_placeholder_secrets_before_touching_minio(
+    tmp_path: Path, generated_secrets: Path
+) -> None:
+    secrets = tmp_path / "secrets"
+    shutil.copytree(generated_secrets, secrets)
+    calls, env = _init_with_fake_mc(tmp_path, secrets)
 
     def init() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -906,19 +913,8 @@ def test_minio_init_refuses_a_name_that_would_widen_a_policy(
 ) -> None:
     """Tenant, federation and site names go into the policies' resources and conditions:
     init.sh stops, before touching MinIO, on one fedround's config would refuse."""
-    calls = tmp_path / "mc-calls"
-    fake = tmp_path / "bin" / "mc"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    fake.chmod(0o755)
-    env = {
-        "PATH": f"{fake.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "SECRETS": str(generated_secrets),
-        "POLICIES": str(DEPLOY / "minio" / "policies"),
-        "TENANT": "demo",
-        "FEDERATION": "mnist-demo",
-        "SITES": "site-01",
-    } | {variable: value}
+    calls, env = _init_with_fake_mc(tmp_path, generated_secrets)
+    env[variable] = value
     done = subprocess.run(
         ["sh", str(DEPLOY / "minio" / "init.sh")], env=env, capture_output=True, text=True
     )
