@@ -30,7 +30,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
-from fedround.flows.dispatch import SiteUnavailable, current_dispatcher
+from fedround.flows.dispatch import current_dispatcher, failure_reason
 from fedround.flows.round_artifacts import publish_round_table
 from fedround.flows.training import (
     CHECKPOINTED_COUNTS,
@@ -298,8 +298,7 @@ def _failure(finished: PrefectFuture[SiteRoundResult]) -> str | None:
     outcome = finished.result(raise_on_failure=False)
     if isinstance(outcome, SiteRoundResult):
         return None if outcome.ok else (outcome.error or "site reported failure")
-    kind = "unavailable" if isinstance(outcome, SiteUnavailable) else "failed"
-    return f"{kind}: {outcome}"
+    return failure_reason(outcome)
 
 
 def _commit(

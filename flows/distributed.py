@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from fedround.flows.dispatch import SiteUnavailable
+from fedround.flows.dispatch import SiteFailed, SiteUnavailable
 from fedround.flows.dispatch_key import load_dispatch_key, publish_dispatch_key
 from fedround.site_workers.session import EVALUATION_ENTRYPOINT, SESSION_ENTRYPOINT
 from fedround.site_workers.site_round import EvalSpec, RoundSpec, SiteEvalResult, SiteRoundResult
@@ -149,8 +149,6 @@ class DistributedDispatcher:
         return None
 
     def _start_session(self, site: str) -> None:
-        from prefect.deployments import run_deployment
-
         session = self.sessions.setdefault(site, _Session())
         # Continue after any session this run already had (a resumed coordinator, a
         # restarted site): the newer attempt supersedes older ones, which then stop.
@@ -159,6 +157,14 @@ class DistributedDispatcher:
         earlier = [int(n) for n in names if n.isdigit() and len(n) < 10]  # a site writes these
         session.attempt = max([session.attempt, *earlier]) + 1
         self.malformed.pop(site, None)
+        self._launch(site, session)
+        session.last_beat = -1
+        session.started_at = time.monotonic()
+
+    def _launch(self, site: str, session: _Session) -> None:
+        """Ask the site's pool for session ``session.attempt`` of this run."""
+        from prefect.deployments import run_deployment
+
         pool = self.config.work_pool(site)
         parameters = {
             "federation": self.config.federation,
@@ -173,8 +179,6 @@ class DistributedDispatcher:
             idempotency_key=f"{self.run_id}/{site}/{session.attempt}",
         )
         session.flow_run_id = str(flow_run.id)
-        session.last_beat = -1
-        session.started_at = time.monotonic()
         log.info("site %s: session %d requested in pool %s", site, session.attempt, pool)
 
     def _ensure_sessions(self, sites: Iterable[str]) -> None:
@@ -254,7 +258,12 @@ class DistributedDispatcher:
                     if site in self.malformed:
                         raise SiteUnavailable(f"site {site}: {self.malformed[site]}")
                     raise SiteUnavailable(f"site {site}'s session stopped answering during {what}")
-            time.sleep(self.poll_s)
+            self._wait_for(site, min(self.poll_s, max(0.0, deadline - now)))
+
+    def _wait_for(self, site: str, timeout: float) -> None:
+        """Pause between two looks at what ``site`` wrote (on one machine the site's
+        host rings when it wrote something, see :mod:`fedround.flows.local_sites`)."""
+        time.sleep(timeout)
 
     def _await_object(
         self,
@@ -352,7 +361,7 @@ class DistributedDispatcher:
                     return raw, manifest
             error = self._error(error_key, spec.nonce)
             if error:
-                raise SiteUnavailable(f"site {site} failed round {round_}: {error}")
+                raise SiteFailed(error)
             return None
 
         raw, manifest = self._poll(site, f"round {round_}", timeout, probe, watch=True)

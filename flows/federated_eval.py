@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
+from fedround.flows.dispatch import current_dispatcher, failure_reason, settle
 from fedround.site_workers.site_round import EvalSpec, SiteEvalResult
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import FederationConfig, ModelConfig
@@ -132,8 +132,7 @@ def evaluate_final_model(
         elif isinstance(result, SiteEvalResult):
             missing[site] = result.error or "site reported failure"
         else:
-            kind = "unavailable" if isinstance(result, SiteUnavailable) else "failed"
-            missing[site] = f"{kind}: {result}"
+            missing[site] = failure_reason(result)
     return reports, missing
 
 

@@ -40,7 +40,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
+from fedround.flows.dispatch import current_dispatcher, failure_reason, settle
 from fedround.flows.federated_eval import evaluate_at_site
 from fedround.site_workers.site_round import EvalSpec, SiteEvalResult
 from fedround.tasks import alerts
@@ -170,8 +170,7 @@ def federated_evaluation(
         elif isinstance(result, SiteEvalResult):
             why = result.error or "site reported failure"
         else:
-            kind = "unavailable" if isinstance(result, SiteUnavailable) else "failed"
-            why = f"{kind}: {result}"
+            why = failure_reason(result)
         unavailable[site] = f"{label}: {why}"
     for label in metrics:  # compare like with like: a site counts only if it did both
         for site in unavailable:

@@ -38,7 +38,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from fedround.flows.dispatch import SiteUnavailable, current_dispatcher, settle
+from fedround.flows.dispatch import current_dispatcher, failure_reason, settle
 from fedround.flows.federated_eval import evaluate_final, log_evaluation, record_label_skew
 from fedround.flows.round_artifacts import (
     mlflow_ui_url,
@@ -354,8 +354,7 @@ def _collect(
         elif isinstance(outcome, SiteRoundResult):
             failed[site] = outcome.error or "site reported failure"
         else:
-            kind = "unavailable" if isinstance(outcome, SiteUnavailable) else "failed"
-            failed[site] = f"{kind}: {outcome}"
+            failed[site] = failure_reason(outcome)
     return done, failed
 
 

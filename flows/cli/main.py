@@ -135,7 +135,7 @@ def run(
     ] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
     processes: Annotated[
-        int | None, typer.Option(help="Local site worker processes (embedded mode).")
+        int | None, typer.Option(help="Local site hosts, processes serving the sites (embedded).")
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the run's result as JSON on the last line.")

@@ -9,6 +9,8 @@ Scenario (NVFlare-style): trigger → fault → expected state.
 - a second run is SIGKILLed (coordinator, site processes and Prefect server together) after
   its first committed round and resumed: its final weights are byte-identical to the first.
 - tampering with a checkpoint makes a resume fail with a clear error.
+- the local site host serving site-b is SIGKILLed after round 1: it is started again, and
+  site-b's second session rejoins the run, which finishes.
 """
 
 from __future__ import annotations
@@ -224,3 +226,48 @@ def test_a_second_coordinator_on_a_live_run_id_is_refused(
     assert "Traceback" not in second.stderr
     assert not store.list(keys.checkpoints_prefix(FEDERATION, run_id))
     assert not store.exists(keys.contract_key(FEDERATION, run_id))
+
+
+def test_a_killed_site_host_is_started_again_and_its_site_rejoins(
+    first_run: dict[str, Any], state_dir: Path, tmp_path: Path
+) -> None:
+    """Embedded sites run the distributed round protocol in local site hosts: a host that
+    dies is noticed by its sites' heartbeats, started again, and its site gets a new
+    session that rejoins the run, as a restarted site worker's does."""
+    from fedround.tasks.checkpoints import read_manifest
+
+    contracts = Path(__file__).resolve().parents[2] / "deployments"
+    config = tmp_path / "six-rounds.yaml"
+    config.write_text(
+        CONFIG.read_text()
+        .replace("rounds: 3", "rounds: 6")
+        .replace("deadline_s: 300}", "deadline_s: 300, liveness_s: 3}")
+        .replace("../../deployments", str(contracts))
+    )
+    run_id = "host-killed"
+    store = LocalObjectStore(state_dir / "objects")
+    first = keys.checkpoint_prefix(FEDERATION, run_id, 1) + "manifest.json"
+    # Trigger: a run of six rounds; once its first round is committed ...
+    process = start_fedround("run", str(config), "--run-id", run_id, "--json", state_dir=state_dir)
+    deadline = time.monotonic() + 300
+    while not store.exists(first):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "round 1 was never committed"
+        time.sleep(0.05)
+    # Fault: ... the site host serving site-b (its heartbeat names the process) is killed
+    beat = json.loads(store.get(keys.session_key(FEDERATION, run_id, "site-b", 1)))
+    assert beat["host"].startswith("local-") and beat["pid"] != process.pid
+    other = json.loads(store.get(keys.session_key(FEDERATION, run_id, "site-a", 1)))
+    assert other["pid"] != beat["pid"]  # site-a and site-c are served by the other host
+    os.kill(beat["pid"], signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=600)
+
+    # Expected: the run finishes; site-b got a second session from a new host, which
+    # rejoined: site-b is in the last round; site-a and site-c (the other host) in every one
+    assert process.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["run_id"] == run_id
+    second = json.loads(store.get(keys.session_key(FEDERATION, run_id, "site-b", 2)))
+    assert second["pid"] != beat["pid"]
+    sites = {r: read_manifest(store, FEDERATION, run_id, r).sites for r in range(1, 7)}
+    assert "site-b" in sites[1] and "site-b" in sites[6]
+    assert all({"site-a", "site-c"} <= set(sites[r]) for r in sites)

@@ -200,4 +200,6 @@ def test_async_versions_reject_and_audit_the_wrong_key_and_skip_the_flooded_site
     assert 1 <= listed <= len(rejected)
     store = LocalObjectStore(federation / "state" / "objects")
     run_prefix = f"{keys.site_write_prefix(FEDERATION, 'site-d')}{async_result['run_id']}/"
-    assert store.list(run_prefix) == []  # never sent work in this run
+    # its session started and checked its data, but it was never sent a round
+    written = {key.removeprefix(run_prefix) for key in store.list(run_prefix)}
+    assert written <= {"contract.json", "sessions/0001.json"}, written

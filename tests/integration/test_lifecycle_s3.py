@@ -392,7 +392,7 @@ def test_old_heartbeat_versions_are_deleted_by_the_coordinator_on_s3(
     """Measured: every heartbeat keeps a version (the bucket is versioned); the coordinator
     deletes the old ones while the run lasts and when it closes, keeping the current one."""
     from fedround.flows.distributed import DistributedDispatcher, _Session
-    from fedround.site_workers.session import Heartbeat
+    from fedround.site_workers.session_protocol import Heartbeat
 
     store = admin_store(s3_service)
     assert versioning_status(store) == "Enabled"
@@ -405,7 +405,8 @@ def test_old_heartbeat_versions_are_deleted_by_the_coordinator_on_s3(
     for site in ("site-a", "site-b"):
         dispatcher.sessions[site] = _Session(attempt=1, started_at=time.monotonic())
         beats[site] = keys.session_key(federation, "r1", site, 1)
-        with Heartbeat(store, beats[site], {"attempt": 1}, interval=0.01) as beat:
+        with Heartbeat(store, interval=0.01) as beat:
+            beat.add(beats[site], {"attempt": 1})
             while beat.beats < 30:
                 time.sleep(0.01)
 

@@ -42,7 +42,7 @@ from fedround.tasks.core.models import build_model
 from fedround.tasks.core.preprocessing import Preprocessor, merge_summaries, summarize_table
 from fedround.tasks.core.serialization import Weights, sha256_hex, weights_to_bytes
 from fedround.tasks.core.usercode import RoundContext, SiteDataset, resolve_model_config
-from fedround.tasks.object_store import ObjectStoreSettings, S3ObjectStore
+from fedround.tasks.object_store import ObjectStoreSettings, S3ObjectStore, open_store
 from fedround.tasks.registry import ModelRegistry, register_candidate
 from fedround.tasks.tracking import RunTracker
 from tests.services import Endpoints
@@ -126,7 +126,8 @@ def world(local_services: Endpoints, tmp_path_factory: pytest.TempPathFactory) -
     """Sites provisioned with their own S3 identities, one embedded dispatcher, the env."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
+    from fedround.flows.dispatch import current_dispatcher
+    from fedround.flows.local_sites import EmbeddedDispatcher
     from fedround.site_workers.data import TRAIN_FILE, load_dataset
     from fedround.site_workers.demo_sites import provision_demo_sites
     from fedround.site_workers.training import train_locally
@@ -159,8 +160,8 @@ def world(local_services: Endpoints, tmp_path_factory: pytest.TempPathFactory) -
         context = RoundContext(FEDERATION, run_id="central", site="central", round=1, seed=1)
         good = train_locally(model, central, TrainingConfig(local_epochs=2), context).weights
         bad = build_model(ModelConfig(), seed=2).state_dict()
-        dispatcher = EmbeddedDispatcher(site_configs, 2)
-        dispatcher.warm_up()
+        store = open_store(CoordinatorSettings.from_env().object_store)
+        dispatcher = EmbeddedDispatcher(config, store, site_configs, 2)
         token = current_dispatcher.set(dispatcher)
         try:
             with temporary_settings(updates={PREFECT_API_URL: local_services.prefect_api_url}):
@@ -388,7 +389,8 @@ def test_table_model_is_evaluated_with_its_preprocessor_and_gated_on_mae(world: 
     with the preprocessor registered with it; the gates compare mae, lower is better."""
     import mlflow
 
-    from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
+    from fedround.flows.dispatch import current_dispatcher
+    from fedround.flows.local_sites import EmbeddedDispatcher
     from fedround.site_workers.settings import SiteSettings, write_site_settings
 
     model = f"table-{uuid.uuid4().hex[:6]}"
@@ -435,7 +437,7 @@ def test_table_model_is_evaluated_with_its_preprocessor_and_gated_on_mae(world: 
     }
     bad = build_model(model_config, seed=2).state_dict()
 
-    dispatcher = EmbeddedDispatcher(site_configs, 2)
+    dispatcher = EmbeddedDispatcher(config, world.store, site_configs, 2)
     token = current_dispatcher.set(dispatcher)
     try:
         register = {"model_config": model_config, "preprocessor": preprocessor}
@@ -494,12 +496,20 @@ DRIVER = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     from prefect import flow
-    from fedround.flows.dispatch import EmbeddedDispatcher, current_dispatcher
+    from fedround.flows.dispatch import current_dispatcher
+    from fedround.flows.local_sites import EmbeddedDispatcher
     from fedround.flows.promotion import promote_model
+    from fedround.tasks.core.config import load_federation_config
+    from fedround.tasks.object_store import open_store
+    from fedround.tasks.runtime import CoordinatorSettings
 
     config, sites, go = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    dispatcher = EmbeddedDispatcher({k: Path(v) for k, v in sites.items()}, 1)
-    dispatcher.warm_up()
+    dispatcher = EmbeddedDispatcher(
+        load_federation_config(Path(config)),
+        open_store(CoordinatorSettings.from_env().object_store),
+        {k: Path(v) for k, v in sites.items()},
+        1,
+    )
     current_dispatcher.set(dispatcher)
 
     @flow(name="warm-up")

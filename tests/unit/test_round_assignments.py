@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from fedround.flows.distributed import DistributedDispatcher, _Session
-from fedround.site_workers.session import _assignment
+from fedround.site_workers.session_protocol import assignment as _assignment
 from fedround.site_workers.site_round import RoundSpec
 from fedround.tasks.core import keys
 from fedround.tasks.core.config import load_federation_config
