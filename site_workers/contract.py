@@ -40,9 +40,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def import_great_expectations() -> None:
+    """Import Great Expectations (seconds), without its usage analytics."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations  # noqa: F401
+
+
 def validate_frame(frame: pd.DataFrame, suite: dict[str, Any], site: str) -> ContractReport:
     """Run a GE suite (its JSON form) over a frame and summarise the outcome."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import_great_expectations()
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -206,7 +207,9 @@ def heartbeat_interval(sites: int) -> float:
     return min(3.0, max(1.0, sites / 200))
 
 
-def host_main(index: int, inbox: Queue[Any], outbox: Queue[Any], parent: int) -> None:
+def host_main(
+    index: int, inbox: Queue[Any], outbox: Queue[Any], parent: int, contracts: bool = True
+) -> None:
     """A host process's entry point: imports first, then serve until told to stop."""
     import torch
 
@@ -216,4 +219,12 @@ def host_main(index: int, inbox: Queue[Any], outbox: Queue[Any], parent: int) ->
     # torch's first optimizer imports its compiler stack (seconds): not in the first round
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     logging.basicConfig(level=logging.WARNING)
+    if contracts:  # Great Expectations' import (seconds) meanwhile, not in the run's set-up
+        threading.Thread(target=_import_contracts, name="fedround-import", daemon=True).start()
     SiteHost(index, inbox, outbox, parent).main()
+
+
+def _import_contracts() -> None:
+    from . import contract
+
+    contract.import_great_expectations()

@@ -159,6 +159,7 @@ class SessionLoop:
         self.heartbeat = Heartbeat(store, heartbeat_s)
         self.sessions: dict[str, Session] = {}
         self.ended: str | None = None
+        self._plans: dict[int, dict[str, Any]] = {}
 
     def add(
         self,
@@ -290,8 +291,20 @@ class SessionLoop:
             session.store.put(key, json.dumps(error).encode())
         self.notify(session.site)
 
+    def _plan(self, round_: int, nonce: str, site: str) -> dict[str, Any] | None:
+        """The round's plan, read once for all the sites of this process that it names
+        (again when it changed: ``mode: async`` adds sites to a version's plan)."""
+        plan = self._plans.get(round_)
+        if plan is None or plan.get("nonce") != nonce or site not in plan.get("specs", {}):
+            plan = read_json(self.store, keys.round_plan_key(self.federation, self.run_id, round_))
+            if plan is None or not isinstance(plan.get("specs"), dict):
+                return None
+            self._plans = {r: p for r, p in self._plans.items() if r > round_ - 3}
+            self._plans[round_] = plan
+        return plan
+
     def _serve_round(self, session: Session, round_: int, nonce: str) -> None:
-        plan = read_json(self.store, keys.round_plan_key(self.federation, self.run_id, round_))
+        plan = self._plan(round_, nonce, session.site)
         raw = (plan or {}).get("specs", {}).get(session.site)
         if plan is None or plan.get("nonce") != nonce or raw is None:
             return  # not selected this round (or the plan was replaced meanwhile)
