@@ -109,6 +109,7 @@ def main() -> None:
 
     from fedround.flows.services.stack import ServiceStack
     from fedround.site_workers.demo_sites import provision_demo_sites
+    from fedround.site_workers.signing_key import provision_site_keys
     from fedround.tasks.core.config import load_federation_config
     from fedround.tasks.object_store import LocalObjectStore, ObjectStoreSettings, S3ObjectStore
     from fedround.tasks.runtime import CoordinatorSettings
@@ -161,6 +162,16 @@ def main() -> None:
             return ObjectStoreSettings.model_validate(creds)
 
         paths = provision_demo_sites(config, settings, site_store, endpoints.prefect_api_url)
+        s3 = S3ObjectStore(
+            endpoints.s3_endpoint,
+            endpoints.s3_bucket,
+            endpoints.admin_access_key,
+            endpoints.admin_secret_key,
+            region=endpoints.s3_region,
+        )
+        # updates must be signed: each site its key, its public key registered (as `fedround
+        # site init` and an operator's `fedround keys register` do)
+        provision_site_keys(paths, s3, FEDERATION)
         subprocess.run(
             [str(BIN / "fedround"), "deploy", str(config_path), "--project-dir", str(scratch)],
             env=env,
@@ -193,13 +204,6 @@ def main() -> None:
                 "bench",
             ],
             env,
-        )
-        s3 = S3ObjectStore(
-            endpoints.s3_endpoint,
-            endpoints.s3_bucket,
-            endpoints.admin_access_key,
-            endpoints.admin_secret_key,
-            region=endpoints.s3_region,
         )
         dist_lat = latencies(s3, "bench", args.rounds, sites)
     finally:
