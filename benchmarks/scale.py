@@ -4,7 +4,7 @@ and whether the coordinator's memory grows with the number of sites.
 For each size (10, 100 and 1,000 sites by default) the benchmark writes a federation of
 virtual sites, each with its own shard (40 examples of a linearly separable 8-feature
 problem), its own ``site.yaml`` and its own persisted site state, and runs it with the
-real ``fedround run`` (the embedded default: a few worker processes host all the sites,
+real ``fedround run`` (the embedded default: a few site hosts serve all the sites,
 as a simulation would): a logistic-regression model, 10 % of the sites sampled per round.
 
 Reported per size (medians over the rounds after the first):

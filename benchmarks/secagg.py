@@ -2,7 +2,7 @@
 same run without it, both measured here, one after the other.
 
 Each run is the real ``fedround run`` on the embedded default (local Prefect and MLflow,
-a local object store, the sites in worker processes): the demo's model (46,730
+a local object store, the sites in local site hosts): the demo's model (46,730
 parameters) on the demo's 4,000 MNIST images split across the sites, every site in every
 round, fedavg. With ``secure_aggregation.enabled`` each round adds the three exchanges
 after training (shares, masked updates, unmasking) through the object store.

@@ -122,7 +122,7 @@ def time_limit(seconds: float | None, what: str) -> Iterator[None]:
     """Interrupt ``what`` after ``seconds`` (a hung user function, for example).
 
     Uses a real-time timer signal, so it works where the training runs on a process's main
-    thread (the embedded worker processes); elsewhere the round's deadline applies.
+    thread (the embedded site hosts); elsewhere the round's deadline applies.
     """
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield

@@ -100,7 +100,7 @@ def promote(
         ),
     ] = False,
     processes: Annotated[
-        int | None, typer.Option(help="Local site worker processes (embedded mode).")
+        int | None, typer.Option(help="Local site hosts, processes serving the sites (embedded).")
     ] = None,
     repair: Annotated[
         bool,
