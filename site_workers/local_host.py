@@ -218,7 +218,6 @@ def host_main(
     torch.set_num_threads(1)
     # torch's first optimizer imports its compiler stack (seconds): not in the first round
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    logging.basicConfig(level=logging.WARNING)
     if contracts:  # Great Expectations' import (seconds) meanwhile, not in the run's set-up
         threading.Thread(target=_import_contracts, name="fedround-import", daemon=True).start()
     SiteHost(index, inbox, outbox, parent).main()
