@@ -26,10 +26,10 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,6 @@ class _Host:
     index: int
     process: Any  # multiprocessing.Process (spawn context)
     inbox: Any  # multiprocessing.Queue
-    pid: int | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
 
 
 class EmbeddedDispatcher(DistributedDispatcher):
@@ -115,11 +113,6 @@ class EmbeddedDispatcher(DistributedDispatcher):
                         future.set_exception(error)
                     else:
                         future.set_result(value)
-            elif kind == "ready":
-                host = self.hosts[message[1]] if message[1] < len(self.hosts) else None
-                if host is not None:
-                    host.pid = message[2]
-                    host.ready.set()
             elif kind == "served":
                 log.debug("site host %d: sessions of run %s ended", message[1], message[2])
 
@@ -149,11 +142,6 @@ class EmbeddedDispatcher(DistributedDispatcher):
         except (OSError, ValueError) as exc:  # a closed queue: the host is being replaced
             log.warning("site host %d: could not send %s: %s", host.index, message[0], exc)
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Block until every host has done its imports (benchmarks time rounds, not start-up)."""
-        for host in self.hosts:
-            host.ready.wait(timeout)
-
     # --- the session transport --------------------------------------------------------------
 
     def pool_problem(self, site: str) -> str | None:
@@ -173,7 +161,7 @@ class EmbeddedDispatcher(DistributedDispatcher):
             (site, self.site_configs[site], session.attempt)
         )
 
-    def _ensure_sessions(self, sites: Any) -> None:
+    def _ensure_sessions(self, sites: Iterable[str]) -> None:
         super()._ensure_sessions(sites)
         starting, self._starting = self._starting, {}
         for slot, sessions in starting.items():
@@ -194,9 +182,8 @@ class EmbeddedDispatcher(DistributedDispatcher):
     # --- evaluation of a published model ------------------------------------------------
 
     def evaluate(self, spec: EvalSpec, timeout: float) -> SiteEvalResult:
+        self.pool_problem(spec.site)  # a host that exited is started again
         host = self._host(spec.site)
-        self.pool_problem(spec.site)
-        host = self.hosts[host.index]
         future: Future[SiteEvalResult] = Future()
         call_id = next(self._call_ids)
         with self._lock:

@@ -568,8 +568,8 @@ def run_round(ctx: RunContext, round_: int, pending_late: set[tuple[int, str]]) 
     opened = time.time()
     specs = [spec.model_copy(update={"dispatched_at": opened}) for spec in specs]
     down = current_dispatcher.get().announce_round(round_, announced.nonce, specs, deadline)
-    # Largest sites first: where site work shares a few processes (the embedded default),
-    # longest-first keeps the round's makespan short; elsewhere the order does not matter.
+    # Largest sites first (where sites share a process, its session loop serves them in
+    # that order itself; here the order is only that of the round's task runs).
     by_size = sorted(specs, key=lambda spec: -ctx.max_examples.get(spec.site, 0))
     dispatched = [spec for spec in by_size if spec.site not in down]
     if len(dispatched) <= SITE_TASKS_MAX:

@@ -15,7 +15,7 @@ requests; what the sites answer is in the object store, as in distributed mode.
   sessions; ``("wake",)`` says the run pointer changed, so the host looks at once instead
   of at its next poll; ``("call", call_id, config_file, spec)`` evaluates a published model
   at a site (promotion, a run's final model); ``("stop",)``.
-- from the host: ``("ready", index, pid)``; ``("bell", site)`` after it wrote something
+- from the host: ``("bell", site)`` after it wrote something
   the coordinator waits for; ``("result", call_id, value, error)``; ``("served", index,
   run_id, outcomes)`` when its sessions of a run end.
 """
@@ -127,7 +127,6 @@ class SiteHost:
             return None
 
     def main(self) -> None:
-        self.outbox.put(("ready", self.index, os.getpid()))
         try:
             while True:
                 message = self._next(IDLE_CHECK_S)
@@ -207,9 +206,7 @@ def heartbeat_interval(sites: int) -> float:
     return min(3.0, max(1.0, sites / 200))
 
 
-def host_main(
-    index: int, inbox: Queue[Any], outbox: Queue[Any], parent: int, contracts: bool = True
-) -> None:
+def host_main(index: int, inbox: Queue[Any], outbox: Queue[Any], parent: int) -> None:
     """A host process's entry point: imports first, then serve until told to stop."""
     import torch
 
@@ -218,8 +215,8 @@ def host_main(
     torch.set_num_threads(1)
     # torch's first optimizer imports its compiler stack (seconds): not in the first round
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    if contracts:  # Great Expectations' import (seconds) meanwhile, not in the run's set-up
-        threading.Thread(target=_import_contracts, name="fedround-import", daemon=True).start()
+    # Great Expectations' import (seconds) meanwhile, not in the run's set-up
+    threading.Thread(target=_import_contracts, name="fedround-import", daemon=True).start()
     SiteHost(index, inbox, outbox, parent).main()
 
 
